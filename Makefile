@@ -1,0 +1,59 @@
+# The stages, in order: install -> data -> train -> export -> archive -> serve -> predict -> stop.
+# `make help` lists the targets; variables: DATASET, EPOCHS, IMG, PYTHON, TRAIN_ARGS, PYTEST_ARGS.
+SHELL := /bin/bash
+VENV := .venv
+PYTHON ?= $(VENV)/bin/python
+DATASET ?= auto
+EPOCHS ?= 10
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+# The venv's bin/ first: torchserve, torch-model-archiver and java-launched workers come from it.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help install data train export archive serve predict stop test test-gpu parity demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install:  ## Java 17 check, Debian's Fashion-MNIST, .venv with requirements.txt (idempotent)
+	@bash install.sh
+
+data: install  ## fetch/prepare DATASET (auto|mnist|fashion-mnist) under data/
+	$(PYTHON) -m train --dataset $(DATASET) --prepare-data-only
+
+train: install  ## train DATASET for EPOCHS epochs -> checkpoints/{last,best}.pt
+	$(PYTHON) -m train --dataset $(DATASET) --epochs $(EPOCHS) $(TRAIN_ARGS)
+
+export: install  ## checkpoints/best.pt -> build/model.pt, build/model.onnx, build/bundle.json
+	$(PYTHON) -m export build
+
+archive: export  ## build/ -> model_store/mnist.mar
+	$(PYTHON) -m export archive
+
+serve: install  ## start TorchServe from the root with config.properties; returns when READY
+	$(PYTHON) -m serve start
+
+predict: install  ## send IMG=path (one or more) to the running server with the token
+	@test -n "$(IMG)" || { echo "usage: make predict IMG=path/to/image.png"; exit 2; }
+	$(PYTHON) -m serve predict $(IMG)
+
+stop:  ## stop the TorchServe started by `make serve`
+	-$(PYTHON) -m serve stop
+
+test: install  ## the whole suite (GPU tests skip, saying why, where there is no GPU)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-gpu:  ## the GPU tests alone; PYTHON=python3 on hosts that bring their own PyTorch
+	$(PYTHON) -m pytest -m gpu $(PYTEST_ARGS)
+
+parity: install  ## the parity tests: eager, TorchScript, TorchServe, onnxruntime agree
+	$(PYTHON) -m pytest tests/test_parity.py $(PYTEST_ARGS)
+
+demo: install  ## the whole path: data, train, export, archive, serve, predict, stop
+	$(MAKE) data train archive
+	$(MAKE) serve
+	$(PYTHON) -m serve predict build/samples/*.png; status=$$?; $(MAKE) stop; exit $$status
+
+clean:  ## remove build outputs (keeps data/, checkpoints/ and the venv)
+	rm -rf build model_store/*.mar logs key_file.json .pytest_cache

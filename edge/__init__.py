@@ -1,0 +1,1 @@
+"""onnxruntime side: sessions that use the device they were asked for (torch-free)."""

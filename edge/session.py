@@ -1,0 +1,41 @@
+"""onnxruntime sessions that run where they were asked to, with TF32 off.
+
+onnxruntime falls back to the CPU silently when the CUDA execution provider cannot load (a
+missing CUDA or cuDNN library, the CPU-only wheel): asking for CUDA and getting the CPU is an
+error here, not a warning. Its CUDA provider also defaults to use_tf32=1, which breaks the 1e-5
+agreement with PyTorch on Ampere and newer GPUs.
+"""
+from __future__ import annotations
+
+import onnxruntime as ort
+
+
+class ProviderUnavailable(RuntimeError):
+    """The requested execution provider did not load."""
+
+
+def open_session(model_path: str, device: str = "cpu", threads: int = 1,
+                 allow_tf32: bool = False) -> ort.InferenceSession:
+    """device: 'cpu', 'cuda' or 'cuda:N'. threads: intra-op threads (CPU)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ProviderUnavailable(
+                "onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu "
+                "(requirements-gpu.txt) instead of onnxruntime, never both")
+        device_id = int(device.split(":")[1]) if ":" in device else 0
+        providers = [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": int(allow_tf32)}),
+                     "CPUExecutionProvider"]
+    else:
+        raise ValueError(f"device must be cpu, cuda or cuda:N, not {device!r}")
+    session = ort.InferenceSession(str(model_path), options, providers=providers)
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if session.get_providers()[0] != wanted:
+        raise ProviderUnavailable(
+            f"asked onnxruntime for {wanted} but the session runs on {session.get_providers()}: "
+            "check that the CUDA and cuDNN libraries onnxruntime-gpu needs are on LD_LIBRARY_PATH")
+    return session

@@ -1,0 +1,1 @@
+"""Export stage: `python -m export [build|archive|verify]` (see export/main.py)."""

@@ -1,0 +1,225 @@
+"""Turn a checkpoint into what the runtimes load, and check each against the eager model.
+
+    python -m export [build]   checkpoints/best.pt -> build/model.pt (TorchScript),
+                               build/model.onnx (one file, dynamic batch), build/bundle.json
+    python -m export archive   build/ -> model_store/mnist.mar (torch-model-archiver)
+
+Before anything is written, each exported model runs the same real test images as the eager
+model (through the one preprocessing function): max |dp| <= 1e-5 and identical argmax, or the
+export fails with the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from edge.session import open_session
+from handlers.bundle import BUNDLE_FILE, FORMAT_VERSION, sha256_file
+from handlers.preprocessing import InputSpec, decode_image
+from train.checkpoint import CheckpointError, load_checkpoint
+from train.data import DataUnavailable, ensure_dataset, load_split
+from train.model import build_model
+
+MODEL_NAME = "mnist"  # the REST path /predictions/mnist and model_store/mnist.mar
+ONNX_OPSET = 18
+TOLERANCE = 1e-5  # max |dp| between an exported model and the eager one (DESIGN.md)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ExportMismatch(RuntimeError):
+    """An exported model does not reproduce the eager model's outputs."""
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_model(state: dict) -> torch.nn.Module:
+    model = build_model(state["architecture"])
+    model.load_state_dict(state["model_state"])
+    return model.eval()
+
+
+def test_images_as_png(state: dict, data_dir: Path, count: int) -> tuple[list[bytes], list[int]]:
+    """The first `count` test images of the checkpoint's data set, as PNG files would send them."""
+    info = ensure_dataset(state["data"]["dataset"], data_dir, allow_download=False)
+    test = load_split(info, data_dir, train=False)
+    return [png_bytes(img.numpy()) for img in test.images[:count]], test.labels[:count].tolist()
+
+
+def write_samples(pngs: list[bytes], labels: list[int], classes: list[str], directory: Path) -> None:
+    """A few real test images to try the server with (`make predict IMG=build/samples/...`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for index, (png, label) in enumerate(zip(pngs, labels)):
+        slug = "".join(c if c.isalnum() else "-" for c in classes[label].lower())
+        (directory / f"test{index:04d}-{slug}.png").write_bytes(png)
+
+
+def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> float:
+    """max |dp| between two log-probability arrays; raises ExportMismatch beyond TOLERANCE."""
+    p_ref, p_new = np.exp(reference.astype(np.float64)), np.exp(candidate.astype(np.float64))
+    max_diff = float(np.abs(p_ref - p_new).max())
+    argmax_differs = int((p_ref.argmax(1) != p_new.argmax(1)).sum())
+    print(f"[export] {name}: max |dp| {max_diff:.3g} over {len(reference)} images, "
+          f"argmax differs on {argmax_differs}")
+    if max_diff > TOLERANCE or argmax_differs:
+        raise ExportMismatch(f"{name} does not match the eager model: max |dp| {max_diff:.3g} "
+                             f"(limit {TOLERANCE}), argmax differs on {argmax_differs} images")
+    return max_diff
+
+
+def export_torchscript(model, x: torch.Tensor, path: Path) -> np.ndarray:
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in torch 2.14 but is what TorchServe loads natively.
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(model), str(path))
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return loaded(x).numpy()
+
+
+def export_onnx(model, x: torch.Tensor, path: Path) -> np.ndarray:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    torch.onnx.export(model, (x[:2],), str(path), dynamo=True, external_data=False,
+                      opset_version=ONNX_OPSET, input_names=["input"], output_names=["log_probs"],
+                      dynamic_shapes={"x": {0: batch}}, verbose=False)
+    if path.with_name(path.name + ".data").exists():
+        raise RuntimeError(f"torch.onnx.export wrote {path.name}.data beside the model")
+    onnx.checker.check_model(str(path), full_check=True)
+    return open_session(str(path), "cpu").run(None, {"input": x.numpy()})[0]
+
+
+def build(args) -> None:
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        raise SystemExit(f"[export] {error}")
+    data = state["data"]
+    bundle = {
+        "format_version": FORMAT_VERSION,
+        "model_name": MODEL_NAME,
+        "architecture": state["architecture"],
+        "dataset": data["dataset"],
+        "classes": data["classes"],
+        "input": {"name": "input", "dtype": "float32", "layout": "NCHW",
+                  "channels": data["input_shape"][0], "height": data["input_shape"][1],
+                  "width": data["input_shape"][2], "mean": [data["mean"]], "std": [data["std"]],
+                  "scale": "pixel / 255, then (x - mean) / std"},
+        "output": {"name": "log_probs", "kind": "log_softmax", "probabilities": "exp(log_probs)"},
+    }
+    spec = InputSpec.from_bundle(bundle)
+    try:
+        pngs, labels = test_images_as_png(state, args.data_dir, args.check_images)
+    except DataUnavailable as error:
+        raise SystemExit(f"[export] real test images are needed to check the export: {error}")
+    x = torch.from_numpy(np.concatenate([decode_image(png, spec) for png in pngs]))
+    model = load_model(state)
+    with torch.inference_mode():
+        reference = model(x).numpy()
+
+    out = args.build_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        tmp = Path(tmp)
+        ts_diff = compare("TorchScript", reference, export_torchscript(model, x, tmp / "model.pt"))
+        onnx_diff = compare("ONNX (onnxruntime CPU)", reference, export_onnx(model, x, tmp / "model.onnx"))
+        # Only models that passed their check replace the previous export.
+        for name in ("model.pt", "model.onnx"):
+            os.replace(tmp / name, out / name)
+
+    bundle.update({
+        "checkpoint": {"path": str(args.checkpoint), "sha256": sha256_file(args.checkpoint),
+                       "epoch": state["epoch"],
+                       "test_accuracy": state["metrics"]["test_accuracy"],
+                       "trained_on": state.get("trained_on", "cpu")},
+        "files": {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+                  for name in ("model.pt", "model.onnx")},
+        "export_check": {"images": len(x), "tolerance": TOLERANCE,
+                         "torchscript_max_abs_dp": ts_diff, "onnx_max_abs_dp": onnx_diff},
+        "onnx_opset": ONNX_OPSET,
+        "torch_version": str(torch.__version__),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    (out / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2) + "\n")
+    write_samples(pngs[:5], labels[:5], data["classes"], out / "samples")
+    print(f"[export] wrote {out}/model.pt, {out}/model.onnx, {out}/{BUNDLE_FILE} "
+          f"({data['dataset']}, epoch {state['epoch']}, test accuracy "
+          f"{100 * state['metrics']['test_accuracy']:.2f}%)")
+
+
+def archiver_command() -> str:
+    """torch-model-archiver beside this interpreter (a venv's bin/), else on PATH."""
+    beside = Path(sys.executable).with_name("torch-model-archiver")
+    found = str(beside) if beside.exists() else shutil.which("torch-model-archiver")
+    if not found:
+        raise SystemExit("[export] torch-model-archiver not found: run `make install`")
+    return found
+
+
+def archive(args) -> Path:
+    """build/ -> <model-store>/mnist.mar with torch-model-archiver."""
+    build_dir = args.build_dir
+    for name in ("model.pt", BUNDLE_FILE):
+        if not (build_dir / name).exists():
+            raise SystemExit(f"[export] {build_dir / name} is missing: run `make export` first")
+    args.model_store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".archive-", dir=build_dir) as tmp:
+        # torch-model-archiver copies the *contents* of an extra-files directory into the
+        # archive's root, so this stage holds handlers/ as a package beside bundle.json.
+        stage = Path(tmp) / "extra"
+        shutil.copytree(ROOT / "handlers", stage / "handlers",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.yaml"))
+        shutil.copy2(build_dir / BUNDLE_FILE, stage / BUNDLE_FILE)
+        command = [archiver_command(),
+                   "--model-name", MODEL_NAME, "--version", args.version,
+                   "--serialized-file", str(build_dir / "model.pt"),
+                   "--handler", str(ROOT / "handlers" / "mnist_handler.py"),
+                   "--extra-files", str(stage),
+                   "--config-file", str(ROOT / "handlers" / "model-config.yaml"),
+                   "--export-path", tmp, "--force"]
+        subprocess.run(command, check=True)
+        target = args.model_store / f"{MODEL_NAME}.mar"
+        os.replace(Path(tmp) / f"{MODEL_NAME}.mar", target)  # a server never sees half a file
+    print(f"[export] wrote {target} ({target.stat().st_size / 1024:.0f} KiB)")
+    return target
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", choices=("build", "archive"), default="build")
+    p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/best.pt"))
+    p.add_argument("--build-dir", type=Path, default=Path("build"))
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--check-images", type=int, default=256,
+                   help="real test images each export is checked on")
+    p.add_argument("--model-store", type=Path, default=Path("model_store"))
+    p.add_argument("--version", default="1.0", help="model version recorded in the .mar")
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        archive(args) if args.command == "archive" else build(args)
+    except ExportMismatch as error:
+        raise SystemExit(f"[export] {error}; nothing was replaced in {args.build_dir}/")

@@ -1,0 +1,130 @@
+"""TorchServe handler for the ConvNet: image bytes or JSON in, label and probabilities out.
+
+Its life follows TorchServe's BaseHandler: initialize -> (preprocess -> inference -> postprocess)
+per batch. TorchServe hands over a batch of requests and fails the whole batch if the handler
+raises, so a request that cannot be decoded is answered with its own 4xx status and JSON error
+while the rest of the batch is served.
+
+Per-model settings come from model-config.yaml (packed into the .mar by `make archive`):
+    handler:
+      torch_threads: 1     # intra-op threads per worker (workers x threads <= cores)
+      allow_tf32: false    # true trades the 1e-5 parity bound for speed on Ampere and newer GPUs
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from http import HTTPStatus
+from pathlib import Path
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handlers.bundle import BUNDLE_FILE, BundleError, load_bundle, verify_file
+from handlers.preprocessing import InputSpec, InvalidInput, preprocess
+
+logger = logging.getLogger(__name__)
+
+
+def configure_tf32(allow: bool) -> None:
+    """TF32 on or off for both cuDNN convolutions and matmuls.
+
+    PyTorch enables TF32 for cuDNN convolutions by default, and importing TorchServe's
+    BaseHandler raises the matmul precision to "high" (TF32) on Ampere and newer: both would
+    break the 1e-5 agreement with onnxruntime and the eager reference.
+    """
+    torch.backends.cudnn.allow_tf32 = allow
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.set_float32_matmul_precision("high" if allow else "highest")
+
+
+def request_body(row):
+    """The payload of one request: raw body, form field "data", or a single other form field."""
+    if not isinstance(row, dict):
+        return row
+    for key in ("data", "body"):
+        if key in row:
+            return row[key]
+    return next(iter(row.values())) if len(row) == 1 else None
+
+
+class MnistHandler(BaseHandler):
+    # TorchServe takes the handler module's only class as the entry point: batches travel
+    # between the steps as (images, errors) tuples. images: (n_valid, C, H, W) on the model's
+    # device, or None; errors: one slot per request, None where the request is valid.
+
+    def initialize(self, context):
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        serialized_file = context.manifest["model"]["serializedFile"]
+        try:
+            self.bundle = load_bundle(model_dir / BUNDLE_FILE)
+            verify_file(self.bundle, model_dir, serialized_file)
+        except BundleError as error:
+            logger.error("refusing to serve %s: %s", serialized_file, error)
+            raise
+        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        torch.set_num_threads(int(settings.get("torch_threads", 1)))
+        configure_tf32(bool(settings.get("allow_tf32", False)))
+        super().initialize(context)  # device from TorchServe's gpu_id; torch.jit.load; eval()
+        self.spec = InputSpec.from_bundle(self.bundle)
+        self.classes = self.bundle["classes"]
+        with torch.inference_mode():  # first call compiles TorchScript's graph: not a user's wait
+            self.model(torch.zeros(1, self.spec.channels, self.spec.height, self.spec.width,
+                                   device=self.device))
+        logger.info("serving %s (%s, %d classes) on %s, TF32 %s, %d torch thread(s); SHA-256 verified",
+                    self.bundle["model_name"], self.bundle["dataset"], len(self.classes), self.device,
+                    "on" if settings.get("allow_tf32") else "off", torch.get_num_threads())
+
+    def handle(self, data, context):
+        # BaseHandler.handle also routes "explain"/"describe" headers to code paths that fail or
+        # answer once per batch; this model offers neither, so every request takes the same path.
+        self.context = context
+        started = time.time()
+        output = self.postprocess(self.inference(self.preprocess(data)))
+        context.metrics.add_time("HandlerTime", round((time.time() - started) * 1000, 2), None, "ms")
+        return output
+
+    def preprocess(self, data):
+        arrays, errors = [], []
+        for row in data:
+            try:
+                arrays.append(preprocess(request_body(row), self.spec))
+                errors.append(None)
+            except InvalidInput as error:
+                errors.append(error)
+            except Exception:  # a decoder bug must not fail the other requests of the batch
+                logger.exception("unexpected error while decoding a request")
+                errors.append(InvalidInput("the server could not decode this request", 500))
+        images = torch.from_numpy(np.concatenate(arrays)).to(self.device) if arrays else None
+        return images, errors
+
+    def inference(self, batch):
+        images, errors = batch
+        if images is None:
+            return None, errors
+        with torch.inference_mode():
+            probabilities = self.model(images).exp().cpu().numpy()
+        return probabilities, errors
+
+    def postprocess(self, result) -> list[str]:
+        probabilities, errors = result
+        responses, valid = [], 0
+        batch_size = str(len(errors))
+        for idx, error in enumerate(errors):
+            self.context.set_response_content_type(idx, "application/json")
+            # how many requests shared this model call: lets clients see dynamic batching work
+            self.context.set_response_header(idx, "X-Batch-Size", batch_size)
+            if error is not None:
+                self.context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
+                responses.append(json.dumps(error.to_response()))
+                continue
+            p = probabilities[valid]
+            valid += 1
+            label = int(p.argmax())
+            # float32 -> Python float is exact, and json writes the shortest round-trip repr
+            responses.append(json.dumps({"label": label, "class": self.classes[label],
+                                         "probabilities": p.tolist()}))
+        return responses

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what the project needs: Java 17 (TorchServe's frontend), Debian's Fashion-MNIST
+# package, and .venv with requirements.txt. Idempotent: a second run changes nothing.
+#   bash install.sh            (what `make install` runs)
+#   VENV=path bash install.sh  another venv location
+set -euo pipefail
+cd "$(dirname "$0")"
+venv=${VENV:-.venv}
+stamp="$venv/.installed"
+
+can_apt() { [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; }
+apt_updated=false
+apt_install() {
+  can_apt || return 1
+  $apt_updated || { apt-get update -qq && apt_updated=true; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+java_major() { java -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); print (v[1] == "1") ? v[2] : v[1]; exit}'; }
+
+if ! command -v java >/dev/null || (( $(java_major) < 17 )); then
+  if can_apt; then
+    echo "[install] TorchServe needs Java 17+: apt-get install openjdk-17-jre-headless"
+    apt_install openjdk-17-jre-headless
+  else
+    echo "[install] TorchServe needs Java 17 or newer and none was found." >&2
+    echo "          Debian/Ubuntu: sudo apt-get install openjdk-17-jre-headless; then run make install again." >&2
+    exit 1
+  fi
+fi
+
+if [[ ! -d /usr/share/datasets/fashion-mnist && ! -e data/FashionMNIST/raw/train-images-idx3-ubyte ]]; then
+  echo "[install] Fashion-MNIST: apt-get install dataset-fashion-mnist"
+  apt_install dataset-fashion-mnist || echo "[install] note: could not install Debian's dataset-fashion-mnist;" \
+    "put the IDX files into data/FashionMNIST/raw or let torchvision download them"
+fi
+
+if [[ -f "$stamp" && "$stamp" -nt requirements.txt && "$stamp" -nt requirements-common.txt && "$stamp" -nt install.sh ]]; then
+  exit 0
+fi
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+echo "[install] pip install -r requirements.txt into $venv (torch is a large download where it is not cached)"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+touch "$stamp"
+echo "[install] done: $("$venv/bin/python" -c 'import torch, ts, onnxruntime; print("torch", torch.__version__, "| torchserve", ts.__version__, "| onnxruntime", onnxruntime.__version__)')"

@@ -1,0 +1,127 @@
+"""Talking to a running TorchServe: its addresses, its tokens, readiness, predictions.
+
+TorchServe writes key_file.json into the directory it was started from. Clients read the keys
+from there on every call (never cache them across calls: they rotate), and renew an expired
+inference key with the API key.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+MODEL_NAME = "mnist"
+
+
+class ServerError(RuntimeError):
+    """TorchServe is not running, not ready, or refused us; the message says what to do."""
+
+
+def read_properties(path: Path | str) -> dict[str, str]:
+    """A Java .properties file (key=value lines, # comments) as a dict."""
+    properties = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+@dataclass
+class Server:
+    """Where a TorchServe instance listens and where its key file lies."""
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    workdir: Path  # the directory it was started from: key_file.json and logs/ are there
+
+    @classmethod
+    def from_config(cls, config: Path | str, workdir: Path | str | None = None) -> "Server":
+        config = Path(config)
+        props = read_properties(config)
+        return cls(props.get("inference_address", "http://127.0.0.1:8080"),
+                   props.get("management_address", "http://127.0.0.1:8081"),
+                   props.get("metrics_address", "http://127.0.0.1:8082"),
+                   Path(workdir) if workdir else config.resolve().parent)
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    def key(self, kind: str) -> str:
+        """The current 'inference', 'management' or 'API' key from key_file.json."""
+        try:
+            return json.loads(self.key_file.read_text())[kind]["key"]
+        except FileNotFoundError:
+            raise ServerError(f"{self.key_file} not found: TorchServe is not running from "
+                              f"{self.workdir} (start it with `make serve`)") from None
+        except (KeyError, json.JSONDecodeError):
+            raise ServerError(f"{self.key_file} has no {kind} key; was TorchServe started "
+                              "with token authorization off?") from None
+
+    def renew_key(self, kind: str) -> str:
+        """Mint a fresh inference or management key with the API key (TorchServe's /token API)."""
+        response = requests.post(f"{self.management_url}/token", params={"type": kind},
+                                 headers={"Authorization": f"Bearer {self.key('API')}"}, timeout=10)
+        if response.status_code != 200:
+            raise ServerError(f"renewing the {kind} key failed: HTTP {response.status_code} {response.text}")
+        return self.key(kind)
+
+    def describe(self, model: str = MODEL_NAME, timeout: float = 5) -> dict:
+        response = requests.get(f"{self.management_url}/models/{model}", timeout=timeout,
+                                headers={"Authorization": f"Bearer {self.key('management')}"})
+        if response.status_code != 200:
+            raise ServerError(f"GET /models/{model}: HTTP {response.status_code} {response.text.strip()}")
+        return response.json()[0]
+
+    def wait_until_ready(self, model: str = MODEL_NAME, timeout: float = 180, process=None) -> dict:
+        """Block until `model` has a READY worker; return its description.
+
+        Asks the management API, never /ping: /ping answers Healthy while workers crash-loop.
+        `process` (a Popen), if given, is checked so that a dead server fails fast.
+        """
+        deadline, last = time.monotonic() + timeout, "no answer yet"
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise ServerError(f"TorchServe exited with code {process.returncode}; see {self.workdir}/logs/")
+            try:
+                description = self.describe(model)
+                if any(w["status"] == "READY" for w in description["workers"]):
+                    return description
+                last = "workers: " + ", ".join(w["status"] for w in description["workers"])
+            except (requests.ConnectionError, requests.Timeout, ServerError) as error:
+                last = str(error)
+            time.sleep(0.5)
+        raise ServerError(f"{model} had no READY worker after {timeout:.0f} s ({last}); "
+                          f"see {self.workdir}/logs/model_log.log")
+
+    def predict(self, body: bytes, content_type: str = "application/octet-stream",
+                model: str = MODEL_NAME, session: requests.Session | None = None,
+                timeout: float = 30) -> requests.Response:
+        """POST one request with the inference key, renewing the key once if it expired.
+
+        The content type matters: a form type (urllib's and curl's default for POST data) makes
+        TorchServe parse the body as a form.
+        """
+        post = (session or requests).post
+        url = f"{self.inference_url}/predictions/{model}"
+        for attempt in range(2):
+            headers = {"Authorization": f"Bearer {self.key('inference')}", "Content-Type": content_type}
+            response = post(url, data=body, headers=headers, timeout=timeout)
+            if response.status_code == 400 and "InvalidKeyException" in response.text and attempt == 0:
+                self.renew_key("inference")
+                continue
+            return response
+        return response
+
+
+def content_type_of(path: Path | str) -> str:
+    suffix = Path(path).suffix.lower()
+    return {".json": "application/json", ".png": "image/png", ".jpg": "image/jpeg",
+            ".jpeg": "image/jpeg", ".gif": "image/gif", ".bmp": "image/bmp",
+            ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}.get(
+        suffix, "application/octet-stream")

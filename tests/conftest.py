@@ -1,0 +1,93 @@
+"""Shared fixtures: a model trained on a subset of Fashion-MNIST (real images), its exports and
+archive, and a real TorchServe serving it from a private directory, stopped at the end."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "data"
+SUMMARY: list[str] = []  # measured figures, printed at the end of the run
+
+# One thread per process: TorchServe's worker, onnxruntime and this process share 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def run_module(*args: str, check: bool = True, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
+    """`python -m <args>` from the repository root, as a user would run it."""
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        pytest.fail(f"python -m {' '.join(args)} exited {result.returncode}\n"
+                    f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+    return result
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def report(line: str) -> None:
+    SUMMARY.append(line)
+    print(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SUMMARY:
+        terminalreporter.section("measured")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def fashion_test_set():
+    from train.data import DATASETS, DataUnavailable, ensure_dataset, load_split
+    try:
+        info = ensure_dataset("fashion-mnist", DATA_DIR, allow_download=False)
+    except DataUnavailable as error:
+        pytest.fail(f"the tests need real images: {error}")
+    return load_split(info, DATA_DIR, train=False)
+
+
+@pytest.fixture(scope="session")
+def test_pngs(fashion_test_set):
+    """256 real test images as PNG bytes, and their labels."""
+    images = fashion_test_set.images[:256].numpy()
+    return [png_bytes(img) for img in images], fashion_test_set.labels[:256].tolist()
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, fashion_test_set):
+    """Train 2 epochs on 12,000 images, export, archive: the real commands, in a temp dir."""
+    base = tmp_path_factory.mktemp("artifacts")
+    run_module("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--epochs", "2",
+               "--train-limit", "12000", "--threads", "1", "--checkpoint-dir", str(base / "checkpoints"))
+    run_module("export", "build", "--checkpoint", str(base / "checkpoints" / "best.pt"),
+               "--build-dir", str(base / "build"), "--data-dir", str(DATA_DIR))
+    run_module("export", "archive", "--build-dir", str(base / "build"),
+               "--model-store", str(base / "model_store"))
+    from handlers.bundle import load_bundle
+    return SimpleNamespace(checkpoint_dir=base / "checkpoints", build_dir=base / "build",
+                           model_store=base / "model_store", mar=base / "model_store" / "mnist.mar",
+                           bundle=load_bundle(base / "build"))
+
+
+@pytest.fixture(scope="session")
+def server(artifacts, tmp_path_factory):
+    """TorchServe serving the archive with the shipped config.properties (other ports)."""
+    from serve.process import TorchServeProcess
+    process = TorchServeProcess(artifacts.model_store, tmp_path_factory.mktemp("torchserve"))
+    server = process.start()
+    yield server
+    process.stop()

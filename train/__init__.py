@@ -1,0 +1,1 @@
+"""Training stage: `python -m train` (see train/main.py)."""

@@ -1,0 +1,241 @@
+"""Train the ConvNet and write checkpoints: `python -m train --help`.
+
+The defaults are the seed tutorial's recipe (SGD lr 0.01, momentum 0.5, batch 64, 10 epochs).
+Each split is decoded once into a tensor that lives on the training device; every epoch draws
+its order from (seed, epoch), so a run resumed from `last.pt` sees exactly the batches that an
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from train.data import (CHOICES, DataUnavailable, ensure_dataset, load_split, normalize,
+                        pixel_statistics)
+from train.model import ARCHITECTURE, INPUT_SHAPE, build_model
+
+# Settings that define the run; on --resume they come from the checkpoint, not the command line.
+RECIPE_KEYS = ("dataset", "batch_size", "lr", "momentum", "seed", "train_limit", "test_limit")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=CHOICES, default="auto",
+                   help="auto: mnist when present or downloadable, else fashion-mnist")
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--epochs", type=int, default=10, help="total epochs, counting resumed ones")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--test-batch-size", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="CPU threads for PyTorch (default: the cores this process may use); "
+                        "use 1 when other work shares the cores")
+    p.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"))
+    p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt")
+    p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    p.add_argument("--prepare-data-only", action="store_true",
+                   help="make the data set present under --data-dir, then exit")
+    return p.parse_args(argv)
+
+
+def select_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to PyTorch")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of epoch `epoch`: a function of (seed, epoch) alone, hence resumable."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def train_epoch(model, optimizer, images, labels, batch_size, order, progress) -> float:
+    model.train()
+    total_loss = torch.zeros((), device=images.device)
+    order = order.to(images.device)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.nll_loss(model(images[batch]), labels[batch])
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach() * len(batch)  # stays on the device: no per-step sync
+        progress.update(len(batch))
+    return float(total_loss) / len(order)
+
+
+@torch.no_grad()
+def test(model, images, labels, batch_size) -> tuple[float, float]:
+    model.eval()
+    loss = torch.zeros((), device=images.device, dtype=torch.float64)
+    correct = torch.zeros((), device=images.device, dtype=torch.int64)
+    for start in range(0, len(labels), batch_size):
+        out = model(images[start:start + batch_size])
+        target = labels[start:start + batch_size]
+        loss += F.nll_loss(out, target, reduction="sum")
+        correct += (out.argmax(1) == target).sum()
+    return float(loss) / len(labels), float(correct) / len(labels)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def write_metrics(history: list[dict], directory: Path) -> None:
+    """metrics.csv and curves.png, rewritten from the full history (so a resume never duplicates)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    tmp = directory / ".metrics.csv.tmp"
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, directory / "metrics.csv")
+    plot_curves(history, directory / "curves.png")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="NLL loss", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-")
+    ax_acc.set(xlabel="epoch", ylabel="%", title="test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    ckpt_dir = args.checkpoint_dir
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+    resumed = None
+    if args.resume:
+        try:
+            resumed = load_checkpoint(ckpt_dir / "last.pt")
+        except CheckpointError as error:
+            raise SystemExit(f"--resume: {error}")
+        for key in RECIPE_KEYS:
+            if settings[key] != resumed["settings"][key] and not (key == "dataset" and settings[key] == "auto"):
+                print(f"[train] --resume keeps the run's {key}={resumed['settings'][key]!r} "
+                      f"(ignoring {settings[key]!r})")
+            settings[key] = resumed["settings"][key]
+
+    try:
+        info = ensure_dataset(settings["dataset"], args.data_dir)
+    except DataUnavailable as error:
+        raise SystemExit(f"[data] {error}")
+    settings["dataset"] = info.name
+    if args.prepare_data_only:
+        print(f"[data] {info.name} is ready in {info.raw_dir(args.data_dir)}")
+        return
+    train_split = load_split(info, args.data_dir, train=True)
+    test_split = load_split(info, args.data_dir, train=False)
+    if settings["train_limit"]:
+        train_split.images, train_split.labels = (t[: settings["train_limit"]] for t in (train_split.images, train_split.labels))
+    if settings["test_limit"]:
+        test_split.images, test_split.labels = (t[: settings["test_limit"]] for t in (test_split.images, test_split.labels))
+    mean, std = resumed["data"]["mean"] if resumed else None, resumed["data"]["std"] if resumed else None
+    if resumed is None:
+        mean, std = pixel_statistics(train_split.images)
+
+    x_train = normalize(train_split.images, mean, std).to(device)
+    y_train = train_split.labels.to(device)
+    x_test = normalize(test_split.images, mean, std).to(device)
+    y_test = test_split.labels.to(device)
+
+    torch.manual_seed(settings["seed"])
+    model = build_model(ARCHITECTURE).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"])
+    history, first_epoch, best_accuracy = [], 1, -1.0
+    if resumed:
+        model.load_state_dict(resumed["model_state"])
+        optimizer.load_state_dict(resumed["optimizer_state"])
+        restore_rng_state(resumed["rng_state"])
+        history = resumed["history"]
+        first_epoch = resumed["epoch"] + 1
+        best_accuracy = resumed["best_test_accuracy"]
+        print(f"[train] resumed from {ckpt_dir / 'last.pt'} after epoch {resumed['epoch']}")
+
+    print(f"[train] {info.name}: {len(y_train)} training / {len(y_test)} test images, "
+          f"mean {mean:.4f} std {std:.4f}; device {device}, {torch.get_num_threads()} thread(s); "
+          f"epochs {first_epoch}..{args.epochs}, batch {settings['batch_size']}, lr {settings['lr']}")
+    if first_epoch > args.epochs:
+        print(f"[train] nothing to do: {ckpt_dir / 'last.pt'} already has {first_epoch - 1} epochs")
+        return
+
+    for epoch in range(first_epoch, args.epochs + 1):
+        started = time.perf_counter()
+        order = epoch_order(len(y_train), settings["seed"], epoch)
+        with tqdm(total=len(order), desc=f"epoch {epoch}/{args.epochs}", unit="img",
+                  disable=None, leave=False, file=sys.stderr) as progress:
+            train_loss = train_epoch(model, optimizer, x_train, y_train, settings["batch_size"],
+                                     order, progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        test_loss, test_accuracy = test(model, x_test, y_test, args.test_batch_size)
+        history.append({"epoch": epoch, "train_loss": round(train_loss, 6),
+                        "test_loss": round(test_loss, 6), "test_accuracy": test_accuracy,
+                        "epoch_seconds": round(seconds, 3),
+                        "images_per_second": round(len(order) / seconds, 1)})
+        improved = test_accuracy > best_accuracy
+        best_accuracy = max(best_accuracy, test_accuracy)
+        state = {
+            "format_version": FORMAT_VERSION,
+            "architecture": ARCHITECTURE,
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer_state": optimizer.state_dict(),
+            "epoch": epoch,
+            "rng_state": rng_state(),
+            "settings": settings,
+            "metrics": history[-1],
+            "history": history,
+            "best_test_accuracy": best_accuracy,
+            "data": {"dataset": info.name, "classes": list(info.classes), "mean": mean, "std": std,
+                     "input_shape": list(INPUT_SHAPE)},
+            "torch_version": str(torch.__version__),
+            "trained_on": device.type,
+        }
+        save_checkpoint(state, ckpt_dir / "last.pt")
+        if improved:
+            save_checkpoint(state, ckpt_dir / "best.pt")
+        write_metrics(history, ckpt_dir)
+        print(f"[train] epoch {epoch}/{args.epochs}: train loss {train_loss:.4f}, test loss "
+              f"{test_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%, {seconds:.1f} s "
+              f"({len(order) / seconds:,.0f} img/s){' -> best.pt' if improved else ''}", flush=True)
+    print(f"[train] done: best test accuracy {100 * best_accuracy:.2f}%; checkpoints in {ckpt_dir}/")
