@@ -40,10 +40,16 @@ def configure_tf32(allow: bool) -> None:
     torch.set_float32_matmul_precision("high" if allow else "highest")
 
 
-def request_body(row):
-    """The payload of one request: raw body, form field "data", or a single other form field."""
+def request_body(row, content_type: str = ""):
+    """The payload of one request: the raw body, or the one field of a multipart upload.
+
+    A urlencoded form (what curl -d and urllib send by default) is not an image: it yields None,
+    which the preprocessing answers with a hint about the Content-Type.
+    """
     if not isinstance(row, dict):
         return row
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        return None
     for key in ("data", "body"):
         if key in row:
             return row[key]
@@ -89,9 +95,10 @@ class MnistHandler(BaseHandler):
 
     def preprocess(self, data):
         arrays, errors = [], []
-        for row in data:
+        for idx, row in enumerate(data):
+            content_type = self.context.get_request_header(idx, "Content-Type") or ""
             try:
-                arrays.append(preprocess(request_body(row), self.spec))
+                arrays.append(preprocess(request_body(row, content_type), self.spec))
                 errors.append(None)
             except InvalidInput as error:
                 errors.append(error)

@@ -1,0 +1,108 @@
+"""Training: data sets, checkpoints (atomic, weights_only), exact resume."""
+import csv
+import gzip
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import DATA_DIR, run_module
+from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from train.data import IDX_FILES, DataUnavailable, ensure_dataset
+
+SMALL = ("--train-limit", "2000", "--test-limit", "500", "--threads", "1")
+
+
+def train(checkpoint_dir, *extra):
+    return run_module("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR),
+                      "--checkpoint-dir", str(checkpoint_dir), *SMALL, *extra)
+
+
+def test_checkpoints_hold_plain_data_and_what_export_needs(artifacts):
+    state = torch.load(artifacts.checkpoint_dir / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["architecture"] == "convnet"
+    assert set(state) >= {"model_state", "optimizer_state", "rng_state", "settings", "metrics", "data"}
+    assert state["settings"]["lr"] == 0.01 and state["settings"]["momentum"] == 0.5
+    assert state["settings"]["batch_size"] == 64
+    assert state["data"]["dataset"] == "fashion-mnist"
+    assert state["data"]["classes"][9] == "Ankle boot"
+    assert state["data"]["mean"] == pytest.approx(0.286, abs=0.002)
+    assert state["data"]["std"] == pytest.approx(0.353, abs=0.002)
+    rows = list(csv.DictReader(open(artifacts.checkpoint_dir / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert (artifacts.checkpoint_dir / "curves.png").stat().st_size > 1000
+    best = load_checkpoint(artifacts.checkpoint_dir / "best.pt")
+    assert best["metrics"]["test_accuracy"] == max(float(r["test_accuracy"]) for r in rows)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    train(tmp_path / "straight", "--epochs", "2")
+    train(tmp_path / "resumed", "--epochs", "1")
+    result = train(tmp_path / "resumed", "--epochs", "2", "--resume")
+    assert "resumed from" in result.stdout
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert resumed["epoch"] == 2
+    for name, tensor in straight["model_state"].items():
+        assert torch.equal(tensor, resumed["model_state"][name]), name
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+
+def test_resume_without_checkpoint_says_so(tmp_path):
+    result = run_module("train", "--resume", "--checkpoint-dir", str(tmp_path), check=False)
+    assert result.returncode != 0 and "no checkpoint at" in result.stderr
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format_version": 1, "epoch": 1}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"format_version": 1, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    import argparse
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "settings": argparse.Namespace(lr=0.01)}, evil)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(evil)
+    result = run_module("export", "--checkpoint", str(evil), "--build-dir", str(tmp_path / "b"), check=False)
+    assert result.returncode != 0 and "refusing" in result.stderr
+    assert not (tmp_path / "b" / "model.pt").exists()
+
+
+def test_mnist_from_gzipped_idx_files(tmp_path):
+    """`--dataset mnist` trains from the four IDX files in <data>/MNIST/raw, gzipped here.
+    (Fashion-MNIST's files stand in: same format; MNIST cannot be downloaded here.)"""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in IDX_FILES:
+        shutil.copyfile(DATA_DIR / "FashionMNIST" / "raw" / f"{name}.gz", raw / f"{name}.gz")
+    run_module("train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--epochs", "1",
+               "--checkpoint-dir", str(tmp_path / "ck"), *SMALL)
+    state = load_checkpoint(tmp_path / "ck" / "best.pt")
+    assert state["data"]["dataset"] == "mnist"
+    assert state["data"]["classes"] == [str(d) for d in range(10)]
+
+
+def test_missing_data_names_the_remedies(tmp_path):
+    with pytest.raises(DataUnavailable) as caught:
+        ensure_dataset("mnist", tmp_path, allow_download=False)
+    message = str(caught.value)
+    assert str(tmp_path / "MNIST" / "raw") in message and "download" in message
+
+
+def test_auto_falls_back_to_fashion_mnist(tmp_path, capsys):
+    shutil.copytree(DATA_DIR / "FashionMNIST", tmp_path / "FashionMNIST")
+    info = ensure_dataset("auto", tmp_path, allow_download=False)
+    assert info.name == "fashion-mnist"
+    assert "took fashion-mnist" in capsys.readouterr().out
