@@ -3,10 +3,12 @@
 # package, and .venv with requirements.txt. Idempotent: a second run changes nothing.
 #   bash install.sh            (what `make install` runs)
 #   VENV=path bash install.sh  another venv location
+#   REQUIREMENTS=requirements-gpu.txt bash install.sh   CUDA hosts: onnxruntime-gpu instead of onnxruntime
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=${VENV:-.venv}
-stamp="$venv/.installed"
+requirements=${REQUIREMENTS:-requirements.txt}
+stamp="$venv/.installed-$(basename "$requirements" .txt)"
 
 can_apt() { [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; }
 apt_updated=false
@@ -34,11 +36,15 @@ if [[ ! -d /usr/share/datasets/fashion-mnist && ! -e data/FashionMNIST/raw/train
     "put the IDX files into data/FashionMNIST/raw or let torchvision download them"
 fi
 
-if [[ -f "$stamp" && "$stamp" -nt requirements.txt && "$stamp" -nt requirements-common.txt && "$stamp" -nt install.sh ]]; then
+if [[ -f "$stamp" && "$stamp" -nt "$requirements" && "$stamp" -nt requirements-common.txt && "$stamp" -nt install.sh ]]; then
   exit 0
 fi
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-echo "[install] pip install -r requirements.txt into $venv (torch is a large download where it is not cached)"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+# onnxruntime and onnxruntime-gpu install the same module: never leave both in one environment.
+other=$([[ "$requirements" == *gpu* ]] && echo onnxruntime || echo onnxruntime-gpu)
+"$venv/bin/python" -m pip uninstall -q -y "$other" 2>/dev/null || true
+echo "[install] pip install -r $requirements into $venv (torch is a large download where it is not cached)"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements"
+rm -f "$venv"/.installed-*
 touch "$stamp"
 echo "[install] done: $("$venv/bin/python" -c 'import torch, ts, onnxruntime; print("torch", torch.__version__, "| torchserve", ts.__version__, "| onnxruntime", onnxruntime.__version__)')"

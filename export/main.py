@@ -3,6 +3,9 @@
     python -m export [build]   checkpoints/best.pt -> build/model.pt (TorchScript),
                                build/model.onnx (one file, dynamic batch), build/bundle.json
     python -m export archive   build/ -> model_store/mnist.mar (torch-model-archiver)
+    python -m export verify model_store/mnist.mar
+                               checks an archive before it is served: manifest, SHA-256 sums,
+                               and the model's answer to the test image bundle.json records
 
 Before anything is written, each exported model runs the same real test images as the eager
 model (through the one preprocessing function): max |dp| <= 1e-5 and identical argmax, or the
@@ -11,6 +14,7 @@ export fails with the numbers.
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import io
 import json
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +32,7 @@ import torch
 from PIL import Image
 
 from edge.session import open_session
-from handlers.bundle import BUNDLE_FILE, FORMAT_VERSION, sha256_file
+from handlers.bundle import BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bundle, sha256_file
 from handlers.preprocessing import InputSpec, decode_image
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.data import DataUnavailable, ensure_dataset, load_split
@@ -153,6 +158,9 @@ def build(args) -> None:
                   for name in ("model.pt", "model.onnx")},
         "export_check": {"images": len(x), "tolerance": TOLERANCE,
                          "torchscript_max_abs_dp": ts_diff, "onnx_max_abs_dp": onnx_diff},
+        # What `export verify` expects the archived model to answer for a real test image.
+        "self_test": {"image_png_base64": base64.b64encode(pngs[0]).decode(), "label": int(reference[0].argmax()),
+                      "probabilities": np.exp(reference[0].astype(np.float64)).tolist()},
         "onnx_opset": ONNX_OPSET,
         "torch_version": str(torch.__version__),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -201,10 +209,52 @@ def archive(args) -> Path:
     return target
 
 
+def verify_archive(mar: Path) -> dict:
+    """Open a .mar and check it can be trusted; raises BundleError naming what is wrong."""
+    import hashlib
+
+    if not zipfile.is_zipfile(mar):
+        raise BundleError(f"{mar} is not a model archive (not a zip file)")
+    with zipfile.ZipFile(mar) as archive:
+        names = set(archive.namelist())
+        try:
+            manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+            serialized, handler = manifest["model"]["serializedFile"], manifest["model"]["handler"]
+        except (KeyError, json.JSONDecodeError) as error:
+            raise BundleError(f"{mar}: missing or malformed MAR-INF/MANIFEST.json ({error})") from None
+        for required in (serialized, handler, BUNDLE_FILE, "handlers/preprocessing.py"):
+            if required not in names:
+                raise BundleError(f"{mar} lacks {required}")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / BUNDLE_FILE).write_bytes(archive.read(BUNDLE_FILE))
+            bundle = load_bundle(Path(tmp) / BUNDLE_FILE)
+        expected = bundle["files"].get(serialized, {}).get("sha256")
+        model_bytes = archive.read(serialized)
+        actual = hashlib.sha256(model_bytes).hexdigest()
+        if actual != expected:
+            raise BundleError(f"{mar}: {serialized} has SHA-256 {actual}, bundle.json expects {expected}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu")
+    test = bundle["self_test"]
+    x = decode_image(base64.b64decode(test["image_png_base64"]), InputSpec.from_bundle(bundle))
+    with torch.inference_mode():
+        p = model(torch.from_numpy(x)).exp().double().numpy()[0]
+    max_diff = float(np.abs(p - np.array(test["probabilities"])).max())
+    if int(p.argmax()) != test["label"] or max_diff > TOLERANCE:
+        raise BundleError(f"{mar}: the model answers label {int(p.argmax())} (max |dp| {max_diff:.3g}) "
+                          f"where bundle.json expects label {test['label']}")
+    print(f"[export] {mar}: OK: manifest, {serialized} SHA-256 {actual[:12]}..., self-test label "
+          f"{test['label']} ({bundle['classes'][test['label']]}), max |dp| {max_diff:.3g}")
+    return bundle
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=("build", "archive"), default="build")
+    p.add_argument("command", nargs="?", choices=("build", "archive", "verify"), default="build")
+    p.add_argument("archive", nargs="?", type=Path, default=Path("model_store/mnist.mar"),
+                   help="the .mar to verify")
     p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/best.pt"))
     p.add_argument("--build-dir", type=Path, default=Path("build"))
     p.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -220,6 +270,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        archive(args) if args.command == "archive" else build(args)
+        if args.command == "verify":
+            verify_archive(args.archive)
+        else:
+            archive(args) if args.command == "archive" else build(args)
     except ExportMismatch as error:
         raise SystemExit(f"[export] {error}; nothing was replaced in {args.build_dir}/")
+    except BundleError as error:
+        raise SystemExit(f"[export] refusing: {error}")

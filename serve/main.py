@@ -26,9 +26,15 @@ def start(args, server: Server) -> None:
         raise SystemExit(f"{mar} is missing: run `make archive` first")
     command = [torchserve_command(), "--start", "--ncs", "--ts-config", str(args.config)]
     print("[serve] " + " ".join(command[1:]).replace(str(ROOT) + "/", ""))
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0 or "already running" in result.stdout:
-        raise SystemExit(f"[serve] torchserve --start failed: {result.stdout.strip()} {result.stderr.strip()}")
+    # The Java process inherits the launcher's stdout: a pipe here would never close, so its
+    # console output goes to a file beside TorchServe's own logs.
+    (ROOT / "logs").mkdir(exist_ok=True)
+    console = ROOT / "logs" / "torchserve-console.log"
+    with open(console, "w") as out:
+        returncode = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    said = console.read_text()
+    if returncode != 0 or "already running" in said:
+        raise SystemExit(f"[serve] torchserve --start failed: {said.strip()[-2000:]}")
     description = server.wait_until_ready(timeout=args.timeout)
     worker = next(w for w in description["workers"] if w["status"] == "READY")
     print(f"[serve] {MODEL_NAME} is READY (worker pid {worker['pid']}, gpu {worker['gpu']}, "

@@ -84,10 +84,15 @@ def artifacts(tmp_path_factory, fashion_test_set):
 
 
 @pytest.fixture(scope="session")
-def server(artifacts, tmp_path_factory):
+def torchserve(artifacts, tmp_path_factory):
     """TorchServe serving the archive with the shipped config.properties (other ports)."""
     from serve.process import TorchServeProcess
     process = TorchServeProcess(artifacts.model_store, tmp_path_factory.mktemp("torchserve"))
-    server = process.start()
-    yield server
+    process.start()
+    yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def server(torchserve):
+    return torchserve.server

@@ -94,7 +94,7 @@ def _download(info: DatasetInfo, root: Path) -> bool:
         info.torchvision_class(str(root), train=True, download=True)
         info.torchvision_class(str(root), train=False, download=True)
     except Exception as error:  # offline: URLError, RuntimeError from every mirror, ...
-        print(f"[data] could not download {info.name}: {type(error).__name__}: {error}")
+        print(f"[data] could not download {info.name}: {str(error).splitlines()[0]}")
         return False
     return _has_idx_files(info.raw_dir(root))
 
