@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive serve predict stop test test-gpu parity demo clean
+.PHONY: help install data train export archive quantize ort edge serve predict stop test test-gpu parity demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,16 @@ export: install  ## checkpoints/best.pt -> build/model.pt, build/model.onnx, bui
 
 archive: export  ## build/ -> model_store/mnist.mar
 	$(PYTHON) -m export archive
+
+quantize: install  ## build/model.onnx -> build/model.int8.onnx (static QDQ int8) + its report
+	$(PYTHON) -m export quantize
+
+ort: install  ## build/model.onnx -> build/model.ort (+ required operators) for minimal builds
+	$(PYTHON) -m export ort
+
+edge: install  ## classify IMG=paths (files or directories) with onnxruntime alone, no torch
+	@test -n "$(IMG)" || { echo "usage: make edge IMG=build/samples"; exit 2; }
+	$(PYTHON) -m edge $(IMG) --timing
 
 serve: install  ## start TorchServe from the root with config.properties; returns when READY
 	$(PYTHON) -m serve start

@@ -1,1 +1,5 @@
-"""onnxruntime side: sessions that use the device they were asked for (torch-free)."""
+"""Edge stage: a torch-free onnxruntime predictor, `python -m edge IMAGE_OR_DIR...`.
+
+Imports only onnxruntime, numpy, Pillow and the standard library (plus handlers.preprocessing
+and handlers.bundle, which are themselves torch-free), so it runs where PyTorch is not installed.
+"""

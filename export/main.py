@@ -3,6 +3,8 @@
     python -m export [build]   checkpoints/best.pt -> build/model.pt (TorchScript),
                                build/model.onnx (one file, dynamic batch), build/bundle.json
     python -m export archive   build/ -> model_store/mnist.mar (torch-model-archiver)
+    python -m export quantize  build/model.onnx -> build/model.int8.onnx (static QDQ int8)
+    python -m export ort       build/model.onnx -> build/model.ort (minimal/mobile onnxruntime)
     python -m export verify model_store/mnist.mar
                                checks an archive before it is served: manifest, SHA-256 sums,
                                and the model's answer to the test image bundle.json records
@@ -252,7 +254,8 @@ def verify_archive(mar: Path) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=("build", "archive", "verify"), default="build")
+    p.add_argument("command", nargs="?", choices=("build", "archive", "quantize", "ort", "verify"),
+                   default="build")
     p.add_argument("archive", nargs="?", type=Path, default=Path("model_store/mnist.mar"),
                    help="the .mar to verify")
     p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/best.pt"))
@@ -272,6 +275,11 @@ def main(argv=None) -> None:
     try:
         if args.command == "verify":
             verify_archive(args.archive)
+        elif args.command in ("quantize", "ort"):
+            from export.edge_artifacts import convert_to_ort, quantize
+            if not (args.build_dir / "model.onnx").exists():
+                raise SystemExit(f"[export] {args.build_dir / 'model.onnx'} is missing: run `make export` first")
+            quantize(args.build_dir, args.data_dir) if args.command == "quantize" else convert_to_ort(args.build_dir)
         else:
             archive(args) if args.command == "archive" else build(args)
     except ExportMismatch as error:

@@ -1,0 +1,139 @@
+"""Smaller and faster models for the edge, made from build/model.onnx with onnxruntime's own tools.
+
+    quantize: build/model.int8.onnx, static QDQ quantization (int8 weights per channel, uint8
+              activations), calibrated on real training images; reports accuracy, agreement,
+              size and latency against the fp32 model on the full test set
+    ort:      build/model.ort (+ required_operators.config) for onnxruntime's minimal and
+              mobile builds
+
+Both record their files' SHA-256 in build/bundle.json.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.session import open_session
+from handlers.bundle import BUNDLE_FILE, load_bundle, sha256_file
+from handlers.preprocessing import InputSpec, normalize
+from train.data import ensure_dataset, load_split
+
+CALIBRATION_IMAGES = 512
+MAX_ACCURACY_LOSS = 0.005  # 0.5 percentage points
+MIN_AGREEMENT = 0.99
+
+
+def split_as_input(bundle: dict, data_dir: Path, train: bool, limit: int | None = None):
+    """Images of the bundle's data set, normalized by the handler's own function, and labels."""
+    info = ensure_dataset(bundle["dataset"], data_dir, allow_download=False)
+    split = load_split(info, data_dir, train=train)
+    images = split.images[:limit].numpy() if limit else split.images.numpy()
+    labels = split.labels[:limit].numpy() if limit else split.labels.numpy()
+    spec = InputSpec.from_bundle(bundle)
+    return np.concatenate([normalize(img, spec) for img in images]), labels
+
+
+def record_files(build_dir: Path, names: list[str], section: str, report: dict | None = None) -> None:
+    bundle_path = build_dir / BUNDLE_FILE
+    bundle = load_bundle(bundle_path)
+    for name in names:
+        bundle["files"][name] = {"sha256": sha256_file(build_dir / name),
+                                 "bytes": (build_dir / name).stat().st_size}
+    if report is not None:
+        bundle.setdefault("edge", {})[section] = report
+    bundle_path.write_text(json.dumps(bundle, indent=2) + "\n")
+
+
+def predict_batched(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    return np.concatenate([session.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def latency_us(session, x: np.ndarray, batch: int, repeats: int) -> float:
+    """Median microseconds per image over `repeats` runs of one batch (after a warm-up run)."""
+    sample = x[:batch]
+    session.run(None, {"input": sample})
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {"input": sample})
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1e6 / batch
+
+
+def quantize(build_dir: Path, data_dir: Path) -> dict:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quant_pre_process, quantize_static)
+
+    bundle = load_bundle(build_dir / BUNDLE_FILE)
+    fp32, int8 = build_dir / "model.onnx", build_dir / "model.int8.onnx"
+    calibration, _ = split_as_input(bundle, data_dir, train=True, limit=CALIBRATION_IMAGES)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(np.array_split(calibration, len(calibration) // 64))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"input": batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared))  # shape inference + graph cleanup first
+        quantize_static(str(prepared), str(Path(tmp) / int8.name), Reader(),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        shutil.move(str(Path(tmp) / int8.name), int8)
+
+    x, labels = split_as_input(bundle, data_dir, train=False)
+    fp32_session, int8_session = open_session(str(fp32)), open_session(str(int8))
+    p32, p8 = predict_batched(fp32_session, x).argmax(1), predict_batched(int8_session, x).argmax(1)
+    report = {
+        "test_images": int(len(labels)),
+        "calibration_images": CALIBRATION_IMAGES,
+        "accuracy_fp32": float((p32 == labels).mean()),
+        "accuracy_int8": float((p8 == labels).mean()),
+        "argmax_agreement": float((p32 == p8).mean()),
+        "bytes_fp32": fp32.stat().st_size,
+        "bytes_int8": int8.stat().st_size,
+        "threads": 1,
+        "us_per_image_fp32_batch1": latency_us(fp32_session, x, 1, 500),
+        "us_per_image_int8_batch1": latency_us(int8_session, x, 1, 500),
+        "us_per_image_fp32_batch64": latency_us(fp32_session, x, 64, 100),
+        "us_per_image_int8_batch64": latency_us(int8_session, x, 64, 100),
+    }
+    record_files(build_dir, [int8.name], "int8", report)
+    loss = report["accuracy_fp32"] - report["accuracy_int8"]
+    print(f"[export] {int8}: {report['bytes_int8'] / 1024:.0f} KiB (fp32 {report['bytes_fp32'] / 1024:.0f} KiB); "
+          f"test accuracy {100 * report['accuracy_int8']:.2f}% vs fp32 {100 * report['accuracy_fp32']:.2f}% "
+          f"over {len(labels)} images; argmax agreement {100 * report['argmax_agreement']:.2f}%; "
+          f"us/image (1 thread) batch 1: {report['us_per_image_int8_batch1']:.1f} vs "
+          f"{report['us_per_image_fp32_batch1']:.1f}, batch 64: {report['us_per_image_int8_batch64']:.1f} "
+          f"vs {report['us_per_image_fp32_batch64']:.1f}")
+    if loss > MAX_ACCURACY_LOSS or report["argmax_agreement"] < MIN_AGREEMENT:
+        print(f"[export] warning: int8 loses {100 * loss:.2f} points of accuracy (limit "
+              f"{100 * MAX_ACCURACY_LOSS:.1f}) or agrees on fewer than {100 * MIN_AGREEMENT:.0f}% of images")
+    return report
+
+
+def convert_to_ort(build_dir: Path) -> Path:
+    """build/model.onnx -> build/model.ort and build/model.required_operators.config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy2(build_dir / "model.onnx", Path(tmp) / "model.onnx")
+        out = Path(tmp) / "out"
+        subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
+                        str(Path(tmp) / "model.onnx"), "--output_dir", str(out),
+                        "--optimization_style", "Fixed"], check=True, stdout=subprocess.DEVNULL)
+        shutil.move(str(out / "model.ort"), build_dir / "model.ort")
+        shutil.move(str(out / "model.required_operators.config"), build_dir / "model.required_operators.config")
+    record_files(build_dir, ["model.ort", "model.required_operators.config"], "ort")
+    print(f"[export] wrote {build_dir / 'model.ort'} ({(build_dir / 'model.ort').stat().st_size / 1024:.0f} KiB) "
+          f"and {build_dir / 'model.required_operators.config'}")
+    return build_dir / "model.ort"

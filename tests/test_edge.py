@@ -1,0 +1,107 @@
+"""The edge path: torch-free predictor, int8 quantization, ORT format."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edge.session import open_session
+from tests import runtimes
+from tests.conftest import report, run_module
+
+
+@pytest.fixture(scope="module")
+def edge_build(artifacts, tmp_path_factory):
+    """A copy of the build with the int8 and ORT models added by the real commands."""
+    build = tmp_path_factory.mktemp("edge") / "build"
+    shutil.copytree(artifacts.build_dir, build)
+    from tests.conftest import DATA_DIR
+    run_module("export", "quantize", "--build-dir", str(build), "--data-dir", str(DATA_DIR))
+    run_module("export", "ort", "--build-dir", str(build))
+    return build
+
+
+def without_torch(tmp_path) -> dict:
+    """An environment in which `import torch` fails, as on a device without PyTorch."""
+    blocker = tmp_path / "no_torch"
+    (blocker / "torch").mkdir(parents=True)
+    (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch is not available on this device')\n")
+    return {"PYTHONPATH": str(blocker)}
+
+
+def test_predictor_runs_without_torch_and_matches_onnxruntime(artifacts, tmp_path, test_pngs):
+    images = tmp_path / "images"
+    images.mkdir()
+    pngs, labels = test_pngs
+    for i, png in enumerate(pngs[:100]):
+        (images / f"{i:03d}.png").write_bytes(png)
+    env = without_torch(tmp_path)
+    probe = run_module("edge", "--help", env=env)
+    assert "IMAGE_OR_DIR" in probe.stdout
+    result = run_module("edge", str(images), "--model", str(artifacts.build_dir / "model.onnx"),
+                        "--json", "--timing", env=env)
+    answers = json.loads(result.stdout)
+    assert len(answers) == 100 and "us/image" in result.stderr
+    first = answers[str(images / "000.png")]
+    assert set(first) == {"label", "class", "probabilities"}
+    expected, _ = runtimes.onnxruntime(artifacts.build_dir / "model.onnx",
+                                       runtimes.preprocessed(pngs[:100], artifacts.bundle))
+    got = np.array([answers[str(images / f"{i:03d}.png")]["probabilities"] for i in range(100)])
+    assert np.abs(got - expected).max() <= 1e-6
+
+
+def test_torch_really_is_blocked(tmp_path):
+    import os
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
+                            env={**os.environ, **without_torch(tmp_path)})
+    assert result.returncode != 0 and "not available on this device" in result.stderr
+
+
+def test_unreadable_images_are_reported_and_the_rest_classified(artifacts, tmp_path, test_pngs):
+    (tmp_path / "a.png").write_bytes(test_pngs[0][0])
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    (tmp_path / "c.png").write_bytes(test_pngs[0][1])
+    result = run_module("edge", str(tmp_path), "--model", str(artifacts.build_dir / "model.onnx"), check=False)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and "1 of 3 images could not be read" in result.stderr
+    assert lines[0].startswith(f"{tmp_path / 'a.png'}: ") and "error: " in lines[1] and "label" in lines[2]
+
+
+def test_clear_errors_for_a_missing_model_and_a_mismatching_bundle(artifacts, tmp_path):
+    result = run_module("edge", "x.png", "--model", str(tmp_path / "none.onnx"), check=False)
+    assert result.returncode != 0 and "no model at" in result.stderr
+    shutil.copy(artifacts.build_dir / "model.onnx", tmp_path / "model.onnx")
+    bundle = dict(artifacts.bundle, input=dict(artifacts.bundle["input"], height=32))
+    (tmp_path / "bundle.json").write_text(json.dumps(bundle))
+    result = run_module("edge", "x.png", "--model", str(tmp_path / "model.onnx"), check=False)
+    assert result.returncode != 0 and "bundle.json says (1, 32, 28)" in result.stderr
+    (tmp_path / "bundle.json").write_text(json.dumps(dict(artifacts.bundle, input=dict(artifacts.bundle["input"], name="pixels"))))
+    result = run_module("edge", "x.png", "--model", str(tmp_path / "model.onnx"), check=False)
+    assert result.returncode != 0 and "bundle.json says 'pixels'" in result.stderr
+
+
+def test_int8_model_keeps_accuracy(edge_build):
+    bundle = json.loads((edge_build / "bundle.json").read_text())
+    figures = bundle["edge"]["int8"]
+    assert figures["test_images"] == 10000
+    assert figures["accuracy_fp32"] - figures["accuracy_int8"] <= 0.005
+    assert figures["argmax_agreement"] >= 0.99
+    assert figures["bytes_int8"] < figures["bytes_fp32"] / 2
+    assert bundle["files"]["model.int8.onnx"]["bytes"] == (edge_build / "model.int8.onnx").stat().st_size
+    report(f"int8 (test model, CPU, 1 thread): accuracy {100 * figures['accuracy_int8']:.2f}% vs fp32 "
+           f"{100 * figures['accuracy_fp32']:.2f}%, agreement {100 * figures['argmax_agreement']:.2f}%, "
+           f"{figures['bytes_int8']} vs {figures['bytes_fp32']} bytes")
+
+
+def test_ort_format_model_matches_the_onnx_model(edge_build, test_pngs):
+    from handlers.bundle import verify_file
+    bundle = json.loads((edge_build / "bundle.json").read_text())
+    for name in ("model.ort", "model.required_operators.config"):
+        verify_file(bundle, edge_build, name)
+    x = runtimes.preprocessed(test_pngs[0], bundle)
+    fp32 = open_session(str(edge_build / "model.onnx")).run(None, {"input": x})[0]
+    ort = open_session(str(edge_build / "model.ort")).run(None, {"input": x})[0]
+    assert np.abs(np.exp(fp32) - np.exp(ort)).max() <= 1e-5
+    assert "Conv" in (edge_build / "model.required_operators.config").read_text()
