@@ -1,10 +1,11 @@
 # The stages, in order: install -> data -> train -> export -> archive -> serve -> predict -> stop.
-# `make help` lists the targets; variables: DATASET, EPOCHS, IMG, PYTHON, TRAIN_ARGS, PYTEST_ARGS.
+# `make help` lists the targets; variables: DATASET, EPOCHS, NPROC, IMG, PYTHON, TRAIN_ARGS, PYTEST_ARGS.
 SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= $(VENV)/bin/python
 DATASET ?= auto
 EPOCHS ?= 10
+NPROC ?= 1
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 # The venv's bin/ first: torchserve, torch-model-archiver and java-launched workers come from it.
@@ -22,8 +23,12 @@ install:  ## Java 17 check, Debian's Fashion-MNIST, .venv with requirements.txt 
 data: install  ## fetch/prepare DATASET (auto|mnist|fashion-mnist) under data/
 	$(PYTHON) -m train --dataset $(DATASET) --prepare-data-only
 
-train: install  ## train DATASET for EPOCHS epochs -> checkpoints/{last,best}.pt
+train: install  ## train DATASET for EPOCHS epochs -> checkpoints/{last,best}.pt (NPROC>1: torchrun)
+ifeq ($(NPROC),1)
 	$(PYTHON) -m train --dataset $(DATASET) --epochs $(EPOCHS) $(TRAIN_ARGS)
+else
+	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train --dataset $(DATASET) --epochs $(EPOCHS) $(TRAIN_ARGS)
+endif
 
 export: install  ## checkpoints/best.pt -> build/model.pt, build/model.onnx, build/bundle.json
 	$(PYTHON) -m export build

@@ -4,6 +4,9 @@ The defaults are the seed tutorial's recipe (SGD lr 0.01, momentum 0.5, batch 64
 Each split is decoded once into a tensor that lives on the training device; every epoch draws
 its order from (seed, epoch), so a run resumed from `last.pt` sees exactly the batches that an
 uninterrupted run would have seen.
+
+Under torchrun, --batch-size stays the global batch: each of the N processes takes its 1/N
+slice of every batch, and the gradients are averaged so that the step is the single-process one.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from train import distributed
 from train.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from train.data import (CHOICES, DataUnavailable, ensure_dataset, load_split, normalize,
                         pixel_statistics)
@@ -42,9 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="CPU threads for PyTorch (default: the cores this process may use); "
-                        "use 1 when other work shares the cores")
+    p.add_argument("--threads", type=int,
+                   default=max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))),
+                   help="CPU threads for PyTorch (default: the usable cores, divided among the "
+                        "processes torchrun starts on this machine); use 1 when other work shares them")
     p.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"))
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
@@ -54,10 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def select_device(choice: str) -> torch.device:
+def select_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to PyTorch")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+    if choice != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)  # one GPU per process under torchrun
+    return torch.device("cpu")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -65,19 +72,22 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def train_epoch(model, optimizer, images, labels, batch_size, order, progress) -> float:
+def train_epoch(model, optimizer, images, labels, batch_size, order, progress,
+                group: distributed.Group = distributed.Group()) -> float:
     model.train()
     total_loss = torch.zeros((), device=images.device)
     order = order.to(images.device)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
+        mine = distributed.my_share(batch, group)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.nll_loss(model(images[batch]), labels[batch])
-        loss.backward()
+        loss_sum = F.nll_loss(model(images[mine]), labels[mine], reduction="sum")
+        # DDP averages gradients over the ranks: scaled so, the step is that of the global mean
+        (loss_sum * group.world_size / len(batch)).backward()
         optimizer.step()
-        total_loss += loss.detach() * len(batch)  # stays on the device: no per-step sync
+        total_loss += loss_sum.detach()  # stays on the device: no per-step sync
         progress.update(len(batch))
-    return float(total_loss) / len(order)
+    return float(distributed.sum_over_ranks(total_loss, group)) / len(order)
 
 
 @torch.no_grad()
@@ -138,13 +148,24 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    group = distributed.from_environment()
+    if not group.is_main:  # only rank 0 reports; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
     torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    device = select_device(args.device, group.local_rank)
+    distributed.start(group, device)
+    try:
+        run(args, group, device)
+    finally:
+        distributed.stop(group)
+
+
+def run(args, group: distributed.Group, device: torch.device) -> None:
     ckpt_dir = args.checkpoint_dir
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
     resumed = None
-    if args.resume:
+    if args.resume or (group.restarted and (ckpt_dir / "last.pt").exists()):
         try:
             resumed = load_checkpoint(ckpt_dir / "last.pt")
         except CheckpointError as error:
@@ -156,7 +177,11 @@ def main(argv=None) -> None:
             settings[key] = resumed["settings"][key]
 
     try:
+        if not group.is_main:
+            distributed.barrier(group)  # rank 0 unpacks or copies the files first
         info = ensure_dataset(settings["dataset"], args.data_dir)
+        if group.is_main:
+            distributed.barrier(group)
     except DataUnavailable as error:
         raise SystemExit(f"[data] {error}")
     settings["dataset"] = info.name
@@ -169,8 +194,9 @@ def main(argv=None) -> None:
         train_split.images, train_split.labels = (t[: settings["train_limit"]] for t in (train_split.images, train_split.labels))
     if settings["test_limit"]:
         test_split.images, test_split.labels = (t[: settings["test_limit"]] for t in (test_split.images, test_split.labels))
-    mean, std = resumed["data"]["mean"] if resumed else None, resumed["data"]["std"] if resumed else None
-    if resumed is None:
+    if resumed:
+        mean, std = resumed["data"]["mean"], resumed["data"]["std"]
+    else:
         mean, std = pixel_statistics(train_split.images)
 
     x_train = normalize(train_split.images, mean, std).to(device)
@@ -178,7 +204,7 @@ def main(argv=None) -> None:
     x_test = normalize(test_split.images, mean, std).to(device)
     y_test = test_split.labels.to(device)
 
-    torch.manual_seed(settings["seed"])
+    torch.manual_seed(settings["seed"])  # the same initial weights on every rank
     model = build_model(ARCHITECTURE).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"])
     history, first_epoch, best_accuracy = [], 1, -1.0
@@ -190,9 +216,11 @@ def main(argv=None) -> None:
         first_epoch = resumed["epoch"] + 1
         best_accuracy = resumed["best_test_accuracy"]
         print(f"[train] resumed from {ckpt_dir / 'last.pt'} after epoch {resumed['epoch']}")
+    trained = distributed.wrap(model, group, device)
 
     print(f"[train] {info.name}: {len(y_train)} training / {len(y_test)} test images, "
-          f"mean {mean:.4f} std {std:.4f}; device {device}, {torch.get_num_threads()} thread(s); "
+          f"mean {mean:.4f} std {std:.4f}; device {device}, {torch.get_num_threads()} thread(s)"
+          f"{f', {group.world_size} processes' if group.world_size > 1 else ''}; "
           f"epochs {first_epoch}..{args.epochs}, batch {settings['batch_size']}, lr {settings['lr']}")
     if first_epoch > args.epochs:
         print(f"[train] nothing to do: {ckpt_dir / 'last.pt'} already has {first_epoch - 1} epochs")
@@ -202,40 +230,53 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         order = epoch_order(len(y_train), settings["seed"], epoch)
         with tqdm(total=len(order), desc=f"epoch {epoch}/{args.epochs}", unit="img",
-                  disable=None, leave=False, file=sys.stderr) as progress:
-            train_loss = train_epoch(model, optimizer, x_train, y_train, settings["batch_size"],
-                                     order, progress)
+                  disable=None if group.is_main else True, leave=False, file=sys.stderr) as progress:
+            train_loss = train_epoch(trained, optimizer, x_train, y_train, settings["batch_size"],
+                                     order, progress, group)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        test_loss, test_accuracy = test(model, x_test, y_test, args.test_batch_size)
-        history.append({"epoch": epoch, "train_loss": round(train_loss, 6),
-                        "test_loss": round(test_loss, 6), "test_accuracy": test_accuracy,
-                        "epoch_seconds": round(seconds, 3),
-                        "images_per_second": round(len(order) / seconds, 1)})
-        improved = test_accuracy > best_accuracy
-        best_accuracy = max(best_accuracy, test_accuracy)
-        state = {
-            "format_version": FORMAT_VERSION,
-            "architecture": ARCHITECTURE,
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer_state": optimizer.state_dict(),
-            "epoch": epoch,
-            "rng_state": rng_state(),
-            "settings": settings,
-            "metrics": history[-1],
-            "history": history,
-            "best_test_accuracy": best_accuracy,
-            "data": {"dataset": info.name, "classes": list(info.classes), "mean": mean, "std": std,
-                     "input_shape": list(INPUT_SHAPE)},
-            "torch_version": str(torch.__version__),
-            "trained_on": device.type,
-        }
-        save_checkpoint(state, ckpt_dir / "last.pt")
-        if improved:
-            save_checkpoint(state, ckpt_dir / "best.pt")
-        write_metrics(history, ckpt_dir)
-        print(f"[train] epoch {epoch}/{args.epochs}: train loss {train_loss:.4f}, test loss "
-              f"{test_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%, {seconds:.1f} s "
-              f"({len(order) / seconds:,.0f} img/s){' -> best.pt' if improved else ''}", flush=True)
+        if group.is_main:  # rank 0 evaluates and writes; the others wait at the barrier
+            best_accuracy = finish_epoch(model, optimizer, x_test, y_test, args, settings, info,
+                                         mean, std, device, group, history, epoch, train_loss,
+                                         seconds, len(order), best_accuracy)
+        distributed.barrier(group)
     print(f"[train] done: best test accuracy {100 * best_accuracy:.2f}%; checkpoints in {ckpt_dir}/")
+
+
+def finish_epoch(model, optimizer, x_test, y_test, args, settings, info, mean, std, device, group,
+                 history, epoch, train_loss, seconds, images, best_accuracy) -> float:
+    """Evaluate, append to the history, write last.pt (and best.pt), metrics.csv, curves.png."""
+    test_loss, test_accuracy = test(model, x_test, y_test, args.test_batch_size)
+    history.append({"epoch": epoch, "train_loss": round(train_loss, 6),
+                    "test_loss": round(test_loss, 6), "test_accuracy": test_accuracy,
+                    "epoch_seconds": round(seconds, 3),
+                    "images_per_second": round(images / seconds, 1)})
+    improved = test_accuracy > best_accuracy
+    best_accuracy = max(best_accuracy, test_accuracy)
+    state = {
+        "format_version": FORMAT_VERSION,
+        "architecture": ARCHITECTURE,
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer_state": optimizer.state_dict(),
+        "epoch": epoch,
+        "rng_state": rng_state(),
+        "settings": settings,
+        "metrics": history[-1],
+        "history": history,
+        "best_test_accuracy": best_accuracy,
+        "data": {"dataset": info.name, "classes": list(info.classes), "mean": mean, "std": std,
+                 "input_shape": list(INPUT_SHAPE)},
+        "torch_version": str(torch.__version__),
+        "trained_on": device.type,
+        "world_size": group.world_size,
+    }
+    ckpt_dir = args.checkpoint_dir
+    save_checkpoint(state, ckpt_dir / "last.pt")
+    if improved:
+        save_checkpoint(state, ckpt_dir / "best.pt")
+    write_metrics(history, ckpt_dir)
+    print(f"[train] epoch {epoch}/{args.epochs}: train loss {train_loss:.4f}, test loss "
+          f"{test_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%, {seconds:.1f} s "
+          f"({images / seconds:,.0f} img/s){' -> best.pt' if improved else ''}", flush=True)
+    return best_accuracy
