@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive quantize ort edge serve predict stop test test-gpu parity demo clean
+.PHONY: help install data train export archive quantize ort edge serve predict stop test test-gpu parity bench demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,11 @@ test-gpu:  ## the GPU tests alone; PYTHON=python3 on hosts that bring their own 
 
 parity: install  ## the parity tests: eager, TorchScript, TorchServe, onnxruntime agree
 	$(PYTHON) -m pytest tests/test_parity.py $(PYTEST_ARGS)
+
+bench: install  ## side-by-side benchmarks -> bench/results/latest.{md,png} and a JSON (about 10 min)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } || \
+		{ echo "make bench needs wrk: apt-get install wrk"; exit 1; }
+	$(PYTHON) -m bench
 
 demo: install  ## the whole path: data, train, export, archive, serve, predict, stop
 	$(MAKE) data train archive

@@ -202,7 +202,7 @@ def archive(args) -> Path:
                    "--serialized-file", str(build_dir / "model.pt"),
                    "--handler", str(ROOT / "handlers" / "mnist_handler.py"),
                    "--extra-files", str(stage),
-                   "--config-file", str(ROOT / "handlers" / "model-config.yaml"),
+                   "--config-file", str(args.model_config),
                    "--export-path", tmp, "--force"]
         subprocess.run(command, check=True)
         target = args.model_store / f"{MODEL_NAME}.mar"
@@ -265,6 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="real test images each export is checked on")
     p.add_argument("--model-store", type=Path, default=Path("model_store"))
     p.add_argument("--version", default="1.0", help="model version recorded in the .mar")
+    p.add_argument("--model-config", type=Path, default=ROOT / "handlers" / "model-config.yaml",
+                   help="TorchServe model-config.yaml (workers, batching, handler settings) to pack")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 

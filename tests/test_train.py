@@ -35,9 +35,12 @@ def test_checkpoints_hold_plain_data_and_what_export_needs(artifacts):
     assert best["metrics"]["test_accuracy"] == max(float(r["test_accuracy"]) for r in rows)
 
 
-def test_resume_is_bit_exact(tmp_path):
-    train(tmp_path / "straight", "--epochs", "2")
-    train(tmp_path / "resumed", "--epochs", "1")
+@pytest.mark.parametrize("recipe", ["seed", "fast"])
+def test_resume_is_bit_exact(tmp_path, recipe):
+    # fast: one-cycle schedule state and the random flips must resume exactly too
+    train(tmp_path / "straight", "--epochs", "2", "--recipe", recipe)
+    train(tmp_path / "resumed", "--epochs", "2", "--recipe", recipe, "--stop-after-epoch", "1")
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     result = train(tmp_path / "resumed", "--epochs", "2", "--resume")
     assert "resumed from" in result.stdout
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` (make bench) compares each fast path with its baseline in one run."""

@@ -1,0 +1,423 @@
+"""Benchmarks, each fast path beside its baseline in the same run: `python -m bench` (make bench).
+
+1. training: the seed tutorial's loop (torchvision DataLoader, per-item ToTensor/Normalize) vs
+   the tensor fast path, same model, batch 64 and recipe; then `--recipe seed` vs `--recipe fast`
+   to the accuracy target;
+2. in-process inference, batch 1 and 64: eager PyTorch, TorchScript, onnxruntime (1 thread);
+3. REST: wrk against TorchServe (batching off/on, 1 and 2 workers) at concurrency 1, 8, 32, and
+   against a minimal loopback HTTP server (the transport ceiling);
+4. start-up: seconds from starting TorchServe to a READY worker.
+
+Writes bench/results/<host>-<date>.json, bench/results/latest.md and bench/results/latest.png.
+The machine is shared and noisy: figures are medians, and comparisons are ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DATA_DIR = ROOT / "data"
+CORES = len(os.sched_getaffinity(0))
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, check=True, capture_output=True,
+                          text=True, **kwargs)
+
+
+# 1. training ---------------------------------------------------------------------------------
+
+def bench_training_loops(threads: int) -> dict:
+    """One epoch of each loop, same initial weights; img/s as the median of 100-step chunks."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    from train.data import DATASETS, ensure_dataset, load_split, normalize, pixel_statistics
+    from train.main import epoch_order, test, train_epoch
+    from train.model import build_model
+
+    torch.set_num_threads(threads)
+    info = ensure_dataset("fashion-mnist", DATA_DIR, allow_download=False)
+    train_split, test_split = load_split(info, DATA_DIR, True), load_split(info, DATA_DIR, False)
+    mean, std = pixel_statistics(train_split.images)
+    x_test, y_test = normalize(test_split.images, mean, std), test_split.labels
+    results = {}
+
+    # the seed's loop, as in pytorch/examples mnist/main.py
+    torch.manual_seed(1)
+    model = build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+    dataset = info.torchvision_class(str(DATA_DIR), train=True, transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((mean,), (std,))]))
+    loader = DataLoader(dataset, batch_size=64, shuffle=True)
+    chunk_rates, started, chunk_start, images = [], time.perf_counter(), time.perf_counter(), 0
+    model.train()
+    for step, (data, target) in enumerate(loader, 1):
+        optimizer.zero_grad()
+        F.nll_loss(model(data), target).backward()
+        optimizer.step()
+        images += len(target)
+        if step % 100 == 0:
+            now = time.perf_counter()
+            chunk_rates.append(100 * 64 / (now - chunk_start))
+            chunk_start = now
+    seconds = time.perf_counter() - started
+    results["seed_loop"] = {"images_per_second": statistics.median(chunk_rates), "epoch_seconds": seconds,
+                            "test_accuracy_after_1_epoch": test(model, x_test, y_test, 1000)[1]}
+
+    # the tensor fast path
+    torch.manual_seed(1)
+    model = build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+    x_train, y_train = normalize(train_split.images, mean, std), train_split.labels
+    order = epoch_order(len(y_train), 1, 1)
+    chunk_rates = []
+
+    class Chunks:  # stands in for the progress bar: times every 100 steps
+        def __init__(self):
+            self.steps, self.start = 0, time.perf_counter()
+
+        def update(self, n):
+            self.steps += 1
+            if self.steps % 100 == 0:
+                now = time.perf_counter()
+                chunk_rates.append(100 * 64 / (now - self.start))
+                self.start = now
+
+    started = time.perf_counter()
+    train_epoch(model, optimizer, x_train, y_train, 64, order, Chunks())
+    seconds = time.perf_counter() - started
+    results["fast_path"] = {"images_per_second": statistics.median(chunk_rates), "epoch_seconds": seconds,
+                            "test_accuracy_after_1_epoch": test(model, x_test, y_test, 1000)[1]}
+    results["speedup"] = results["fast_path"]["images_per_second"] / results["seed_loop"]["images_per_second"]
+    results.update(threads=threads, batch=64, device="cpu")
+    log(f"training: seed loop {results['seed_loop']['images_per_second']:,.0f} img/s, fast path "
+        f"{results['fast_path']['images_per_second']:,.0f} img/s ({results['speedup']:.1f}x)")
+    return results
+
+
+def bench_recipes(work: Path, threads: int, target: float) -> dict:
+    """`--recipe seed` (10 epochs) and `--recipe fast` (15 epochs), wall time to `target`."""
+    import csv
+    results = {}
+    for recipe in ("seed", "fast"):
+        directory = work / f"checkpoints-{recipe}"
+        started = time.perf_counter()
+        run("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--recipe", recipe,
+            "--threads", str(threads), "--checkpoint-dir", str(directory))
+        wall = time.perf_counter() - started
+        rows = list(csv.DictReader(open(directory / "metrics.csv")))
+        elapsed, reached = 0.0, None
+        for row in rows:
+            elapsed += float(row["epoch_seconds"])
+            if reached is None and float(row["test_accuracy"]) >= target:
+                reached = {"epoch": int(row["epoch"]), "training_seconds": elapsed}
+        results[recipe] = {"epochs": len(rows), "wall_seconds": wall,
+                           "final_test_accuracy": float(rows[-1]["test_accuracy"]),
+                           "best_test_accuracy": max(float(r["test_accuracy"]) for r in rows),
+                           "reached_target": reached, "checkpoint": str(directory / "best.pt")}
+        log(f"recipe {recipe}: best {100 * results[recipe]['best_test_accuracy']:.2f}% in {wall:.0f} s; "
+            f"target {100 * target:.1f}% {'reached at epoch %d' % reached['epoch'] if reached else 'not reached'}")
+    results.update(target=target, threads=threads)
+    return results
+
+
+# 2. inference --------------------------------------------------------------------------------
+
+def median_us_per_image(fn, x, repeats: int) -> float:
+    fn(x)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6 / len(x)
+
+
+def bench_inference(build: Path, checkpoint: Path) -> dict:
+    from edge.session import open_session
+    from train.checkpoint import load_checkpoint
+    from train.model import build_model
+
+    torch.set_num_threads(1)
+    state = load_checkpoint(checkpoint)
+    eager = build_model(state["architecture"])
+    eager.load_state_dict(state["model_state"])
+    eager.eval()
+    scripted = torch.jit.load(str(build / "model.pt"))
+    session = open_session(str(build / "model.onnx"), "cpu", threads=1)
+    results = {}
+    for batch, repeats in ((1, 3000), (64, 300)):
+        x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), dtype=np.float32)
+        t = torch.from_numpy(x)
+        with torch.inference_mode():
+            results[f"batch{batch}"] = {
+                "eager": median_us_per_image(eager, t, repeats),
+                "torchscript": median_us_per_image(scripted, t, repeats),
+                "onnxruntime": median_us_per_image(lambda a: session.run(None, {"input": a}), x, repeats),
+            }
+    results.update(threads=1, device="cpu", unit="us per image, median")
+    b1 = results["batch1"]
+    log(f"inference batch 1: eager {b1['eager']:.1f} us, TorchScript {b1['torchscript']:.1f} us, "
+        f"onnxruntime {b1['onnxruntime']:.1f} us")
+    return results
+
+
+# 3. and 4. serving ---------------------------------------------------------------------------
+
+WRK_SCRIPT = """
+local f = io.open("{body}", "rb")
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "image/png"
+wrk.headers["Authorization"] = "Bearer {token}"
+"""
+
+
+def parse_wrk(output: str) -> dict:
+    def ms(value: str) -> float:
+        number, unit = re.match(r"([\d.]+)(\w+)", value).groups()
+        return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+    percentiles = dict(re.findall(r"^\s+(\d+)%\s+([\d.]+\w+)", output, re.M))
+    total = int(re.search(r"(\d+) requests in", output).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return {"requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+            "p50_ms": ms(percentiles["50"]), "p99_ms": ms(percentiles["99"]), "requests": total,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": sum(map(int, errors.groups())) if errors else 0}
+
+
+def wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
+    threads = 1 if connections < 8 else 2
+    result = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
+                             "--latency", "-s", str(script), url], capture_output=True, text=True, check=True)
+    return parse_wrk(result.stdout)
+
+
+def archive_variant(build: Path, store: Path, batch_size: int, workers: int, delay_ms: int) -> None:
+    import yaml
+    config = yaml.safe_load((ROOT / "handlers" / "model-config.yaml").read_text())
+    config.update(minWorkers=workers, maxWorkers=workers, batchSize=batch_size, maxBatchDelay=delay_ms)
+    store.mkdir(parents=True)
+    path = store / "model-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run("export", "archive", "--build-dir", str(build), "--model-store", str(store), "--model-config", str(path))
+
+
+def bench_serving(build: Path, work: Path, seconds: int, concurrencies: list[int]) -> dict:
+    from serve.process import TorchServeProcess, free_ports
+
+    body = work / "body.png"
+    shutil.copy(sorted((build / "samples").glob("*.png"))[0], body)
+    results = {"configs": {}, "startup_seconds": [], "duration_seconds": seconds}
+    variants = {"batching off, 1 worker": (1, 1, 0), "batching on, 1 worker": (8, 1, 5),
+                "batching off, 2 workers": (1, 2, 0), "batching on, 2 workers": (8, 2, 5)}
+    for name, (batch_size, workers, delay) in variants.items():
+        store = work / re.sub(r"\W+", "-", name)
+        archive_variant(build, store, batch_size, workers, delay)
+        process = TorchServeProcess(store, work / (store.name + "-ts"))
+        started = time.perf_counter()
+        server = process.start()
+        while len([w for w in server.describe()["workers"] if w["status"] == "READY"]) < workers:
+            time.sleep(0.2)
+        results["startup_seconds"].append(time.perf_counter() - started)
+        try:
+            script = work / "wrk.lua"
+            script.write_text(WRK_SCRIPT.format(body=body, token=server.key("inference")))
+            url = f"{server.inference_url}/predictions/mnist"
+            wrk(url, script, 8, 2)  # warm-up
+            results["configs"][name] = {"batch_size": batch_size, "workers": workers, "max_delay_ms": delay,
+                                        "by_concurrency": {c: wrk(url, script, c, seconds) for c in concurrencies}}
+        finally:
+            process.stop()
+        c = results["configs"][name]["by_concurrency"][concurrencies[-1]]
+        log(f"TorchServe, {name}: {c['requests_per_second']:,.0f} req/s at concurrency {concurrencies[-1]}, "
+            f"p99 {c['p99_ms']:.1f} ms, non-2xx {c['non_2xx']}")
+
+    port = free_ports(1)[0]
+    ceiling = subprocess.Popen([sys.executable, "-m", "bench.loopback", str(port)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        script = work / "ceiling.lua"
+        script.write_text(WRK_SCRIPT.format(body=body, token="none"))
+        results["ceiling"] = {c: wrk(f"http://127.0.0.1:{port}/", script, c, seconds) for c in concurrencies}
+    finally:
+        ceiling.terminate()
+        ceiling.wait(timeout=10)
+    log(f"loopback ceiling: {results['ceiling'][concurrencies[-1]]['requests_per_second']:,.0f} req/s")
+    return results
+
+
+# results -------------------------------------------------------------------------------------
+
+def targets(r: dict) -> list[tuple[str, str, str, str]]:
+    """(target, measured, met, note) rows."""
+    rows = []
+    tr = r["training"]
+    rows.append(("training fast path >= 3x the seed loop's img/s (batch 64)",
+                 f"{tr['speedup']:.1f}x ({tr['fast_path']['images_per_second']:,.0f} vs "
+                 f"{tr['seed_loop']['images_per_second']:,.0f} img/s, {tr['threads']} threads)",
+                 "yes" if tr["speedup"] >= 3 else "no", "the seed loop decodes and normalizes every image in Python on each step"))
+    acc_seed, acc_fast = tr["seed_loop"]["test_accuracy_after_1_epoch"], tr["fast_path"]["test_accuracy_after_1_epoch"]
+    rows.append(("... with the same test accuracy (after 1 epoch)",
+                 f"{100 * acc_fast:.2f}% vs {100 * acc_seed:.2f}%",
+                 "yes" if abs(acc_fast - acc_seed) <= 0.01 else "no", "same recipe; the epoch orders differ"))
+    rc = r["recipes"]
+    fast = rc["fast"]
+    rows.append((f"--recipe fast >= {100 * rc['target']:.1f}% Fashion-MNIST test accuracy",
+                 f"best {100 * fast['best_test_accuracy']:.2f}% in {fast['wall_seconds']:.0f} s "
+                 f"({fast['epochs']} epochs); seed recipe best {100 * rc['seed']['best_test_accuracy']:.2f}% in "
+                 f"{rc['seed']['wall_seconds']:.0f} s ({rc['seed']['epochs']} epochs)",
+                 "yes" if fast["best_test_accuracy"] >= rc["target"] else "no",
+                 f"target first reached at epoch {fast['reached_target']['epoch']}, after "
+                 f"{fast['reached_target']['training_seconds']:.0f} s of training" if fast["reached_target"] else ""))
+    b1 = r["inference"]["batch1"]
+    ratio = b1["eager"] / b1["onnxruntime"]
+    rows.append(("onnxruntime batch 1 <= 60 us per image and >= 4x eager PyTorch (1 thread)",
+                 f"{b1['onnxruntime']:.1f} us; {ratio:.1f}x eager ({b1['eager']:.1f} us)",
+                 "yes" if b1["onnxruntime"] <= 60 and ratio >= 4 else "no", "per-call overhead dominates at batch 1"))
+    if "serving" in r:
+        sv = r["serving"]
+        c = max(int(k) for k in sv["ceiling"])
+        on = sv["configs"]["batching on, 1 worker"]["by_concurrency"][c]
+        on2 = sv["configs"]["batching on, 2 workers"]["by_concurrency"][c]
+        off = sv["configs"]["batching off, 1 worker"]["by_concurrency"][c]
+        best = max((on, on2), key=lambda x: x["requests_per_second"])
+        ok = best["requests_per_second"] >= 2000 and best["p99_ms"] <= 50 and best["non_2xx"] == 0
+        rows.append((f"TorchServe with batching >= 2,000 req/s at concurrency {c}, p99 <= 50 ms, 0 non-2xx",
+                     f"{best['requests_per_second']:,.0f} req/s, p99 {best['p99_ms']:.1f} ms, non-2xx {best['non_2xx']}",
+                     "yes" if ok else "no",
+                     f"{100 * best['requests_per_second'] / sv['ceiling'][c]['requests_per_second']:.0f}% of the "
+                     f"loopback ceiling ({sv['ceiling'][c]['requests_per_second']:,.0f} req/s); wrk, the Java "
+                     "frontend and the Python worker share 2 cores"))
+        rows.append(("... and >= 3x its own unbatched figure",
+                     f"{on['requests_per_second'] / off['requests_per_second']:.1f}x (1 worker: "
+                     f"{on['requests_per_second']:,.0f} vs {off['requests_per_second']:,.0f} req/s)",
+                     "yes" if on["requests_per_second"] >= 3 * off["requests_per_second"] else "no", ""))
+        rows.append(("start-up: torchserve --start to a READY worker", f"median {statistics.median(sv['startup_seconds']):.1f} s",
+                     "-", "no target"))
+    rows.append(("GPU: >= 10,000 req/s at concurrency 64 (p99 <= 20 ms); an epoch in <= 2 s",
+                 "not measured by this run" if not torch.cuda.is_available() else "see the JSON",
+                 "-", "this machine has no GPU; the README quotes what an H200 measured"))
+    return rows
+
+
+def write_markdown(r: dict, path: Path) -> None:
+    lines = [f"# Benchmark, {r['host']}, {r['date']}", "",
+             f"{r['cpu']}, {r['cores']} cores, torch {r['torch']}, onnxruntime {r['onnxruntime']}. "
+             "Medians; every comparison within this one run.", "",
+             "## Targets", "", "| target | measured | met | note |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(r)]
+    inf = r["inference"]
+    lines += ["", "## In-process inference (CPU, 1 thread, us per image, median)", "",
+              "| batch | eager | TorchScript | onnxruntime |", "| --- | --- | --- | --- |"]
+    for batch in ("batch1", "batch64"):
+        v = inf[batch]
+        lines.append(f"| {batch[5:]} | {v['eager']:.1f} | {v['torchscript']:.1f} | {v['onnxruntime']:.1f} |")
+    if "serving" in r:
+        sv = r["serving"]
+        lines += ["", f"## REST (wrk, {sv['duration_seconds']} s per point, POST of a 28x28 PNG with the token)", "",
+                  "| server | concurrency | req/s | p50 ms | p99 ms | non-2xx | % of ceiling |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, cfg in sv["configs"].items():
+            for c, v in cfg["by_concurrency"].items():
+                share = 100 * v["requests_per_second"] / sv["ceiling"][c]["requests_per_second"]
+                lines.append(f"| TorchServe, {name} | {c} | {v['requests_per_second']:,.0f} | {v['p50_ms']:.2f} | "
+                             f"{v['p99_ms']:.2f} | {v['non_2xx']} | {share:.0f}% |")
+        for c, v in sv["ceiling"].items():
+            lines.append(f"| loopback ceiling (asyncio, fixed answer) | {c} | {v['requests_per_second']:,.0f} | "
+                         f"{v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['non_2xx']} | 100% |")
+        lines += ["", "Batching on: batchSize 8, maxBatchDelay 5 ms. Each worker: 1 torch thread. "
+                  "TorchServe's own overhead is the gap between its unbatched figure and the ceiling: "
+                  "the Java frontend's HTTP handling and the frontend-to-worker socket hop per batch."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    tr = r["training"]
+    axes[0].bar(["seed loop", "fast path"], [tr["seed_loop"]["images_per_second"], tr["fast_path"]["images_per_second"]])
+    axes[0].set(title=f"training, batch 64, {tr['threads']} threads", ylabel="images/s")
+    inf = r["inference"]["batch1"]
+    axes[1].bar(list(inf), list(inf.values()))
+    axes[1].set(title="inference, batch 1, 1 thread", ylabel="us per image")
+    if "serving" in r:
+        sv = r["serving"]
+        for name, cfg in sv["configs"].items():
+            cs = list(cfg["by_concurrency"])
+            axes[2].plot(cs, [cfg["by_concurrency"][c]["requests_per_second"] for c in cs], "o-", label=name)
+        cs = list(sv["ceiling"])
+        axes[2].plot(cs, [sv["ceiling"][c]["requests_per_second"] for c in cs], "k--", label="loopback ceiling")
+        axes[2].set(title="REST (wrk)", xlabel="concurrency", ylabel="requests/s", xscale="log")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=int, default=6, help="wrk duration per point")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--target", type=float, default=0.905, help="accuracy target of --recipe fast")
+    p.add_argument("--skip-serving", action="store_true")
+    args = p.parse_args(argv)
+    if not args.skip_serving and not shutil.which("wrk"):
+        raise SystemExit("[bench] wrk not found: apt-get install wrk (make bench installs it where apt-get works)")
+    import onnxruntime
+    started = time.perf_counter()
+    results = {"host": socket.gethostname(), "date": datetime.date.today().isoformat(),
+               "cpu": platform.processor() or platform.machine(), "cores": CORES,
+               "torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        results["training"] = bench_training_loops(CORES)
+        results["recipes"] = bench_recipes(work, CORES, args.target)
+        build = work / "build"
+        run("export", "build", "--checkpoint", results["recipes"]["seed"]["checkpoint"],
+            "--build-dir", str(build), "--data-dir", str(DATA_DIR))
+        results["inference"] = bench_inference(build, Path(results["recipes"]["seed"]["checkpoint"]))
+        if not args.skip_serving:
+            results["serving"] = bench_serving(build, work, args.seconds, args.concurrency)
+    results["bench_seconds"] = time.perf_counter() - started
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{results['host']}-{results['date']}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, RESULTS / "latest.md")
+    plot(results, RESULTS / "latest.png")
+    log(f"wrote {out}, {RESULTS / 'latest.md'}, {RESULTS / 'latest.png'} in {results['bench_seconds']:.0f} s")
