@@ -21,6 +21,7 @@ class Group:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    launched: bool = False  # started by torchrun: join a process group, even of one
 
     @property
     def is_main(self) -> bool:
@@ -36,16 +37,19 @@ def from_environment() -> Group:
     if "WORLD_SIZE" not in os.environ:
         return Group()
     return Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                 int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                 int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), True)
+
+
+def backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def start(group: Group, device: torch.device) -> None:
     """Join the process group: nccl for CUDA (one GPU per process, LOCAL_RANK), gloo on the CPU."""
-    if group.world_size == 1:
+    if not group.launched:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent can keep one store across --max-restarts: the keys of the dead
         # attempt then send the new group to old addresses (gloo: "Connection refused",
@@ -54,13 +58,13 @@ def start(group: Group, device: torch.device) -> None:
         agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                     group.world_size, is_master=False, timeout=timedelta(minutes=5))
         store = dist.PrefixStore(f"train/attempt-{attempt}", agent_store)
-        dist.init_process_group(backend, store=store, rank=group.rank, world_size=group.world_size)
+        dist.init_process_group(backend(device), store=store, rank=group.rank, world_size=group.world_size)
     else:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend(device))
 
 
 def stop(group: Group) -> None:
-    if group.world_size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -72,7 +76,7 @@ def barrier(group: Group) -> None:
 def wrap(model: torch.nn.Module, group: Group, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel around `model`; checkpoints keep saving the bare `model`, so no
     `module.` prefix ever reaches a file and single-process runs load them unchanged."""
-    if group.world_size == 1:
+    if not group.launched:
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

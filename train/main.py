@@ -240,8 +240,14 @@ def run(args, group: distributed.Group, device: torch.device) -> None:
 
     torch.manual_seed(settings["seed"])  # the same initial weights on every rank
     model = build_model(ARCHITECTURE).to(device)
+    if device.type == "cpu":
+        # oneDNN's convolutions and max-pooling are vectorized for channels-last tensors: a
+        # training step is 1.6x faster here (the profile: max_pool2d was 28% of a step). The
+        # weights are the same numbers either way; checkpoints load into any layout.
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
-                                nesterov=settings["nesterov"], weight_decay=settings["weight_decay"])
+                                nesterov=settings["nesterov"], weight_decay=settings["weight_decay"],
+                                foreach=True)
     scheduler = None
     if settings["schedule"] == "onecycle":
         steps = -(-len(y_train) // settings["batch_size"])
@@ -262,7 +268,7 @@ def run(args, group: distributed.Group, device: torch.device) -> None:
 
     print(f"[train] {info.name}: {len(y_train)} training / {len(y_test)} test images, "
           f"mean {mean:.4f} std {std:.4f}; device {device}, {torch.get_num_threads()} thread(s)"
-          f"{f', {group.world_size} processes' if group.world_size > 1 else ''}; "
+          f"{f', {group.world_size} process(es), {distributed.backend(device)}' if group.launched else ''}; "
           f"recipe {settings['recipe']}: epochs {first_epoch}..{args.epochs}, batch "
           f"{settings['batch_size']}, lr {settings['lr']}{' one-cycle' if scheduler else ''}")
     if first_epoch > args.epochs:
