@@ -54,7 +54,7 @@ def bench_training_loops(threads: int) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import transforms
 
-    from train.data import DATASETS, ensure_dataset, load_split, normalize, pixel_statistics
+    from train.data import ensure_dataset, load_split, normalize, pixel_statistics
     from train.main import epoch_order, test, train_epoch
     from train.model import build_model
 

@@ -20,7 +20,6 @@ import base64
 import binascii
 import io
 import json
-import math
 import warnings
 from dataclasses import dataclass
 

@@ -52,7 +52,7 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def fashion_test_set():
-    from train.data import DATASETS, DataUnavailable, ensure_dataset, load_split
+    from train.data import DataUnavailable, ensure_dataset, load_split
     try:
         info = ensure_dataset("fashion-mnist", DATA_DIR, allow_download=False)
     except DataUnavailable as error:

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 
 import psutil
 import pytest
-import torch
 
 from serve.process import free_ports
 from tests.conftest import DATA_DIR, ROOT, report, run_module

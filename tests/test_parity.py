@@ -1,5 +1,4 @@
 """PyTorch, TorchScript, TorchServe and onnxruntime give the same answer on the CPU."""
-import pytest
 
 from tests.conftest import report
 from tests import runtimes

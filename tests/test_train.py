@@ -1,6 +1,5 @@
 """Training: data sets, checkpoints (atomic, weights_only), exact resume."""
 import csv
-import gzip
 import shutil
 
 import pytest
