@@ -118,6 +118,16 @@ def test_refusals_say_what_was_wrong(body, status, words):
     assert caught.value.to_response() == {"error": str(caught.value), "status": status}
 
 
+def test_oversized_json_is_refused_before_parsing():
+    body = b'{"pixels": [' + b"0, " * (MAX_BODY_BYTES // 3) + b"0]}"
+    with pytest.raises(InvalidInput, match="JSON body of .* exceeds") as caught:
+        preprocess(body, SPEC)
+    assert caught.value.status == 413
+    with pytest.raises(InvalidInput, match="exceeds") as caught:  # base64 too large once decoded
+        preprocess({"image": "A" * (MAX_BODY_BYTES * 2)}, SPEC)
+    assert caught.value.status == 413
+
+
 def test_truncated_png_of_a_real_image():
     png = encode(Image.fromarray(digit()), "PNG")
     with pytest.raises(InvalidInput, match="truncated or corrupt"):
