@@ -295,6 +295,9 @@ def run(args, group: distributed.Group, device: torch.device) -> None:
                                          mean, std, device, group, history, epoch, train_loss,
                                          seconds, len(order), best_accuracy)
         distributed.barrier(group)
+    if last_epoch < args.epochs:
+        print(f"[train] stopped after epoch {last_epoch} of {args.epochs}: the same command with "
+              f"--resume continues")
     print(f"[train] done: best test accuracy {100 * best_accuracy:.2f}%; checkpoints in {ckpt_dir}/")
 
 
