@@ -65,7 +65,7 @@ test-gpu:  ## the GPU tests alone; PYTHON=python3 on hosts that bring their own 
 parity: install  ## the parity tests: eager, TorchScript, TorchServe, onnxruntime agree
 	$(PYTHON) -m pytest tests/test_parity.py $(PYTEST_ARGS)
 
-bench: install  ## side-by-side benchmarks -> bench/results/latest.{md,png} and a JSON (about 10 min)
+bench: install  ## side-by-side benchmarks -> bench/results/latest.{md,png} and a JSON (about 5 min)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } || \
 		{ echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(PYTHON) -m bench
