@@ -146,18 +146,9 @@ def bench_recipes(work: Path, threads: int, target: float) -> dict:
 
 # 2. inference --------------------------------------------------------------------------------
 
-def median_us_per_image(fn, x, repeats: int) -> float:
-    fn(x)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6 / len(x)
-
-
 def bench_inference(build: Path, checkpoint: Path) -> dict:
     from edge.session import open_session
+    from export.edge_artifacts import median_us_per_image
     from train.checkpoint import load_checkpoint
     from train.model import build_model
 

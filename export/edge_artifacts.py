@@ -55,16 +55,19 @@ def predict_batched(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate([session.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def latency_us(session, x: np.ndarray, batch: int, repeats: int) -> float:
-    """Median microseconds per image over `repeats` runs of one batch (after a warm-up run)."""
-    sample = x[:batch]
-    session.run(None, {"input": sample})
+def median_us_per_image(fn, x, repeats: int) -> float:
+    """Median microseconds per image of `fn(x)` over `repeats` calls, after one warm-up call."""
+    fn(x)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        session.run(None, {"input": sample})
+        fn(x)
         times.append(time.perf_counter() - started)
-    return float(np.median(times)) * 1e6 / batch
+    return float(np.median(times)) * 1e6 / len(x)
+
+
+def latency_us(session, x: np.ndarray, batch: int, repeats: int) -> float:
+    return median_us_per_image(lambda a: session.run(None, {"input": a}), x[:batch], repeats)
 
 
 def quantize(build_dir: Path, data_dir: Path) -> dict:

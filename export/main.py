@@ -34,7 +34,8 @@ import torch
 from PIL import Image
 
 from edge.session import open_session
-from handlers.bundle import BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bundle, sha256_file
+from handlers.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bundle, sha256_bytes,
+                             sha256_file)
 from handlers.preprocessing import InputSpec, decode_image
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.data import DataUnavailable, ensure_dataset, load_split
@@ -213,8 +214,6 @@ def archive(args) -> Path:
 
 def verify_archive(mar: Path) -> dict:
     """Open a .mar and check it can be trusted; raises BundleError naming what is wrong."""
-    import hashlib
-
     if not zipfile.is_zipfile(mar):
         raise BundleError(f"{mar} is not a model archive (not a zip file)")
     with zipfile.ZipFile(mar) as archive:
@@ -232,7 +231,7 @@ def verify_archive(mar: Path) -> dict:
             bundle = load_bundle(Path(tmp) / BUNDLE_FILE)
         expected = bundle["files"].get(serialized, {}).get("sha256")
         model_bytes = archive.read(serialized)
-        actual = hashlib.sha256(model_bytes).hexdigest()
+        actual = sha256_bytes(model_bytes)
         if actual != expected:
             raise BundleError(f"{mar}: {serialized} has SHA-256 {actual}, bundle.json expects {expected}")
     with warnings.catch_warnings():

@@ -28,6 +28,10 @@ class BundleError(ValueError):
     """bundle.json is missing, malformed, or does not match the files beside it."""
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: Path | str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -31,11 +31,16 @@ def run_module(*args: str, check: bool = True, timeout: float = 600, env=None) -
     return result
 
 
-def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+def encode_image(image, fmt: str = "PNG", mode: str | None = None, **kw) -> bytes:
+    """An image file's bytes from a PIL image or a numpy array, optionally converted to `mode`."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
     buf = io.BytesIO()
-    image = Image.fromarray(array)
-    (image.convert(mode) if mode else image).save(buf, format="PNG")
+    (image.convert(mode) if mode else image).save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    return encode_image(array, "PNG")
 
 
 def report(line: str) -> None:

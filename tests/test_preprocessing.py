@@ -1,12 +1,12 @@
 """The one preprocessing function, on its own: formats, modes, sizes, and every refusal."""
 import base64
-import io
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import encode_image
 from handlers.preprocessing import (MAX_BODY_BYTES, InputSpec, InvalidInput, decode_image,
                                     preprocess)
 
@@ -20,10 +20,6 @@ def digit() -> np.ndarray:
     return image
 
 
-def encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def expected(gray: np.ndarray) -> np.ndarray:
@@ -34,13 +30,13 @@ def expected(gray: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "GIF", "TIFF", "WEBP"])
 def test_lossless_formats_give_the_exact_pixels(fmt):
     kw = {"lossless": True} if fmt == "WEBP" else {}
-    out = decode_image(encode(Image.fromarray(digit()), fmt, **kw), SPEC)
+    out = decode_image(encode_image(Image.fromarray(digit()), fmt, **kw), SPEC)
     assert out.shape == (1, 1, 28, 28) and out.dtype == np.float32
     np.testing.assert_array_equal(out, expected(digit()))
 
 
 def test_jpeg_is_close():
-    out = decode_image(encode(Image.fromarray(digit()), "JPEG", quality=95), SPEC)
+    out = decode_image(encode_image(Image.fromarray(digit()), "JPEG", quality=95), SPEC)
     assert np.abs(out - expected(digit())).max() * SPEC.std[0] * 255 < 40  # JPEG ringing, in grey levels
 
 
@@ -51,7 +47,7 @@ def test_modes_become_the_same_gray_image(mode):
         image = Image.fromarray(gray.astype(np.uint16) * 257)  # 16-bit: 255 -> 65535
     else:
         image = Image.fromarray(gray).convert(mode)
-    out = decode_image(encode(image, "PNG"), SPEC)
+    out = decode_image(encode_image(image, "PNG"), SPEC)
     np.testing.assert_allclose(out, expected(gray), atol=1e-5)
 
 
@@ -59,7 +55,7 @@ def test_transparency_is_composited_over_black():
     rgba = np.zeros((28, 28, 4), np.uint8)
     rgba[..., :3] = 255          # white everywhere ...
     rgba[10:18, 10:18, 3] = 255  # ... but opaque only in the square
-    out = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), SPEC)
+    out = decode_image(encode_image(Image.fromarray(rgba, "RGBA"), "PNG"), SPEC)
     gray = np.zeros((28, 28), np.uint8)
     gray[10:18, 10:18] = 255
     np.testing.assert_allclose(out, expected(gray), atol=1e-5)
@@ -67,16 +63,16 @@ def test_transparency_is_composited_over_black():
 
 def test_any_size_is_padded_and_resized():
     big = np.kron(digit(), np.ones((10, 10), np.uint8))  # 280x280
-    out = decode_image(encode(Image.fromarray(big), "PNG"), SPEC)
+    out = decode_image(encode_image(Image.fromarray(big), "PNG"), SPEC)
     assert out.shape == (1, 1, 28, 28)
     assert np.abs(out - expected(digit())).mean() < 0.1
-    wide = decode_image(encode(Image.fromarray(np.full((10, 40), 255, np.uint8)), "PNG"), SPEC)
+    wide = decode_image(encode_image(Image.fromarray(np.full((10, 40), 255, np.uint8)), "PNG"), SPEC)
     assert wide.shape == (1, 1, 28, 28)
     assert wide[0, 0, 0, 14] == expected(np.zeros((1, 1), np.uint8)).item()  # padding is black
 
 
 def test_json_forms_match_the_image_bytes():
-    png = encode(Image.fromarray(digit()), "PNG")
+    png = encode_image(Image.fromarray(digit()), "PNG")
     reference = decode_image(png, SPEC)
     as_base64 = json.dumps({"image": base64.b64encode(png).decode()}).encode()
     as_data_url = {"image": "data:image/png;base64," + base64.b64encode(png).decode()}
@@ -86,7 +82,7 @@ def test_json_forms_match_the_image_bytes():
 
 
 def bomb() -> bytes:
-    return encode(Image.new("L", (20000, 20000)), "PNG")  # ~20 kB of PNG, 400 megapixels
+    return encode_image(Image.new("L", (20000, 20000)), "PNG")  # ~20 kB of PNG, 400 megapixels
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -129,7 +125,7 @@ def test_oversized_json_is_refused_before_parsing():
 
 
 def test_truncated_png_of_a_real_image():
-    png = encode(Image.fromarray(digit()), "PNG")
+    png = encode_image(Image.fromarray(digit()), "PNG")
     with pytest.raises(InvalidInput, match="truncated or corrupt"):
         decode_image(png[: len(png) // 2], SPEC)
 
@@ -142,7 +138,7 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert caught.value.status == 413
     # below Pillow's own bomb threshold, our pixel limit still refuses it
     with pytest.raises(InvalidInput, match="5000x5000 pixels exceeds the limit") as caught:
-        decode_image(encode(Image.new("L", (5000, 5000)), "PNG"), SPEC)
+        decode_image(encode_image(Image.new("L", (5000, 5000)), "PNG"), SPEC)
     assert caught.value.status == 413
 
 

@@ -2,23 +2,16 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
-from tests.conftest import png_bytes
+from tests.conftest import encode_image, png_bytes
 
 
-def encode(array: np.ndarray, fmt: str, mode: str | None = None, **kw) -> bytes:
-    image = Image.fromarray(array)
-    buf = io.BytesIO()
-    (image.convert(mode) if mode else image).save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def worker_pid(server) -> int:
@@ -45,7 +38,7 @@ def test_response_format(server, test_pngs, artifacts):
 def test_image_formats_and_modes(server, fashion_test_set, fmt, mode, kw):
     image = fashion_test_set.images[0].numpy()
     reference = server.predict(png_bytes(image), "image/png").json()
-    response = server.predict(encode(image, fmt, mode, **kw), "application/octet-stream")
+    response = server.predict(encode_image(image, fmt, mode, **kw), "application/octet-stream")
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["label"] == reference["label"]
@@ -55,8 +48,8 @@ def test_image_formats_and_modes(server, fashion_test_set, fmt, mode, kw):
 
 def test_sixteen_bit_and_large_images(server, fashion_test_set):
     image = fashion_test_set.images[0].numpy()
-    sixteen = encode(image.astype(np.uint16) * 257, "PNG")
-    large = encode(np.kron(image, np.ones((12, 12), np.uint8)), "PNG")
+    sixteen = encode_image(image.astype(np.uint16) * 257, "PNG")
+    large = encode_image(np.kron(image, np.ones((12, 12), np.uint8)), "PNG")
     for body in (sixteen, large):
         response = server.predict(body, "image/png")
         assert response.status_code == 200, response.text
@@ -99,14 +92,15 @@ def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
     rng = np.random.default_rng(7)
     digit = np.zeros((28, 28), np.uint8)
     digit[5:23, 9:19] = 200
-    png = encode(digit, "PNG")
-    bomb = encode(np.zeros((20000, 20000), np.uint8), "PNG")
+    png = encode_image(digit, "PNG")
+    bomb = encode_image(np.zeros((20000, 20000), np.uint8), "PNG")
     pixels = digit.tolist()
     return [
         ("empty body", b"", "application/octet-stream", 400, "empty"),
         ("truncated PNG", png[: len(png) // 2], "image/png", 400, "truncated"),
         ("random bytes", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "application/octet-stream", 400, "not an image"),
         ("decompression bomb", bomb, "image/png", 413, "decompression bomb"),
+        ("too many pixels", encode_image(np.zeros((5000, 5000), np.uint8), "PNG"), "image/png", 413, "exceeds the limit"),
         # refused by TorchServe's frontend (max_request_size) before the handler: no JSON body
         ("over 1 MiB", rng.integers(0, 256, 1_100_000, dtype=np.uint8).tobytes(), "application/octet-stream", 413, None),
         ("malformed JSON", b'{"pixels": [[1, 2', "application/json", 400, "malformed JSON"),
