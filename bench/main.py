@@ -55,7 +55,7 @@ def bench_training_loops(threads: int) -> dict:
     from torchvision import transforms
 
     from train.data import ensure_dataset, load_split, normalize, pixel_statistics
-    from train.main import epoch_order, test, train_epoch
+    from train.loop import epoch_order, test, train_epoch
     from train.model import build_model
 
     torch.set_num_threads(threads)
@@ -147,18 +147,15 @@ def bench_recipes(work: Path, threads: int, target: float) -> dict:
 # 2. inference --------------------------------------------------------------------------------
 
 def bench_inference(build: Path, checkpoint: Path) -> dict:
-    from edge.session import open_session
+    from contract.onnx_session import input_name, open_session
     from export.edge_artifacts import median_us_per_image
-    from train.checkpoint import load_checkpoint
-    from train.model import build_model
+    from train.checkpoint import load_model
 
     torch.set_num_threads(1)
-    state = load_checkpoint(checkpoint)
-    eager = build_model(state["architecture"])
-    eager.load_state_dict(state["model_state"])
-    eager.eval()
+    eager = load_model(checkpoint)
     scripted = torch.jit.load(str(build / "model.pt"))
     session = open_session(str(build / "model.onnx"), "cpu", threads=1)
+    name = input_name(session)
     results = {}
     for batch, repeats in ((1, 3000), (64, 300)):
         x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), dtype=np.float32)
@@ -167,7 +164,7 @@ def bench_inference(build: Path, checkpoint: Path) -> dict:
             results[f"batch{batch}"] = {
                 "eager": median_us_per_image(eager, t, repeats),
                 "torchscript": median_us_per_image(scripted, t, repeats),
-                "onnxruntime": median_us_per_image(lambda a: session.run(None, {"input": a}), x, repeats),
+                "onnxruntime": median_us_per_image(lambda a: session.run(None, {name: a}), x, repeats),
             }
     results.update(threads=1, device="cpu", unit="us per image, median")
     b1 = results["batch1"]

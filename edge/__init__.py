@@ -1,5 +1,5 @@
 """Edge stage: a torch-free onnxruntime predictor, `python -m edge IMAGE_OR_DIR...`.
 
-Imports only onnxruntime, numpy, Pillow and the standard library (plus handlers.preprocessing
-and handlers.bundle, which are themselves torch-free), so it runs where PyTorch is not installed.
+Imports only onnxruntime, numpy, Pillow, the standard library and the torch-free `contract`
+package, so it runs where PyTorch is not installed.
 """

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.session import ProviderUnavailable, open_session
-from handlers.bundle import BUNDLE_FILE, BundleError, load_bundle
-from handlers.preprocessing import InputSpec, InvalidInput, preprocess
-
-
-class ModelMismatch(RuntimeError):
-    """bundle.json does not describe the model it sits beside."""
+from contract import responses
+from contract.bundle import BUNDLE_FILE, BundleError, load_bundle
+from contract.onnx_session import (ModelMismatch, ProviderUnavailable, check_model_matches_bundle,
+                                   open_session)
+from contract.preprocessing import InputSpec, InvalidInput, preprocess
 
 
 def image_paths(arguments: list[str]) -> list[Path]:
@@ -30,23 +28,6 @@ def image_paths(arguments: list[str]) -> list[Path]:
         path = Path(argument)
         paths.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
     return paths
-
-
-def check_model_matches_bundle(session, bundle: dict) -> str:
-    """The session's input name and shape against bundle.json; returns the input name."""
-    inputs = session.get_inputs()
-    expected = bundle["input"]
-    if len(inputs) != 1 or inputs[0].name != expected["name"]:
-        raise ModelMismatch(f"the model's inputs are {[i.name for i in inputs]}, "
-                            f"bundle.json says {expected['name']!r}")
-    shape = list(inputs[0].shape[1:])
-    if shape != [expected["channels"], expected["height"], expected["width"]]:
-        raise ModelMismatch(f"the model takes (batch, {', '.join(map(str, shape))}), bundle.json says "
-                            f"({expected['channels']}, {expected['height']}, {expected['width']})")
-    classes = session.get_outputs()[0].shape[-1]
-    if classes != len(bundle["classes"]):
-        raise ModelMismatch(f"the model has {classes} outputs, bundle.json names {len(bundle['classes'])} classes")
-    return inputs[0].name
 
 
 def main(argv=None) -> None:
@@ -84,8 +65,7 @@ def main(argv=None) -> None:
                 arrays.append(preprocess(path.read_bytes(), spec))
                 batch_paths.append(path)
             except (InvalidInput, OSError) as error:
-                status = getattr(error, "status", 400)
-                results[str(path)] = {"error": str(error), "status": status}
+                results[str(path)] = responses.error(str(error), getattr(error, "status", 400))
                 failed += 1
         if not arrays:
             continue
@@ -93,8 +73,7 @@ def main(argv=None) -> None:
         log_probs = session.run(None, {input_name: np.concatenate(arrays)})[0]
         seconds += time.perf_counter() - started
         for path, row in zip(batch_paths, np.exp(log_probs)):
-            label = int(row.argmax())
-            results[str(path)] = {"label": label, "class": classes[label], "probabilities": row.tolist()}
+            results[str(path)] = responses.prediction(row, classes)
 
     results = {str(path): results[str(path)] for path in paths}  # in the order given
     if args.json:

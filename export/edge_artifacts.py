@@ -10,7 +10,6 @@ Both record their files' SHA-256 in build/bundle.json.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.session import open_session
-from handlers.bundle import BUNDLE_FILE, load_bundle, sha256_file
-from handlers.preprocessing import InputSpec, normalize
+from contract.bundle import BUNDLE_FILE, load_bundle, record_files
+from contract.onnx_session import input_name, open_session, run_log_probs
+from contract.preprocessing import InputSpec, normalize
 from train.data import ensure_dataset, load_split
 
 CALIBRATION_IMAGES = 512
@@ -40,21 +39,6 @@ def split_as_input(bundle: dict, data_dir: Path, train: bool, limit: int | None 
     return np.concatenate([normalize(img, spec) for img in images]), labels
 
 
-def record_files(build_dir: Path, names: list[str], section: str, report: dict | None = None) -> None:
-    bundle_path = build_dir / BUNDLE_FILE
-    bundle = load_bundle(bundle_path)
-    for name in names:
-        bundle["files"][name] = {"sha256": sha256_file(build_dir / name),
-                                 "bytes": (build_dir / name).stat().st_size}
-    if report is not None:
-        bundle.setdefault("edge", {})[section] = report
-    bundle_path.write_text(json.dumps(bundle, indent=2) + "\n")
-
-
-def predict_batched(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate([session.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-
-
 def median_us_per_image(fn, x, repeats: int) -> float:
     """Median microseconds per image of `fn(x)` over `repeats` calls, after one warm-up call."""
     fn(x)
@@ -67,7 +51,8 @@ def median_us_per_image(fn, x, repeats: int) -> float:
 
 
 def latency_us(session, x: np.ndarray, batch: int, repeats: int) -> float:
-    return median_us_per_image(lambda a: session.run(None, {"input": a}), x[:batch], repeats)
+    name = input_name(session)
+    return median_us_per_image(lambda a: session.run(None, {name: a}), x[:batch], repeats)
 
 
 def quantize(build_dir: Path, data_dir: Path) -> dict:
@@ -78,13 +63,15 @@ def quantize(build_dir: Path, data_dir: Path) -> dict:
     fp32, int8 = build_dir / "model.onnx", build_dir / "model.int8.onnx"
     calibration, _ = split_as_input(bundle, data_dir, train=True, limit=CALIBRATION_IMAGES)
 
+    name = input_name(open_session(str(fp32)))
+
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.batches = iter(np.array_split(calibration, len(calibration) // 64))
 
         def get_next(self):
             batch = next(self.batches, None)
-            return None if batch is None else {"input": batch}
+            return None if batch is None else {name: batch}
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -97,7 +84,8 @@ def quantize(build_dir: Path, data_dir: Path) -> dict:
 
     x, labels = split_as_input(bundle, data_dir, train=False)
     fp32_session, int8_session = open_session(str(fp32)), open_session(str(int8))
-    p32, p8 = predict_batched(fp32_session, x).argmax(1), predict_batched(int8_session, x).argmax(1)
+    p32 = run_log_probs(fp32_session, x, 256).argmax(1)
+    p8 = run_log_probs(int8_session, x, 256).argmax(1)
     report = {
         "test_images": int(len(labels)),
         "calibration_images": CALIBRATION_IMAGES,

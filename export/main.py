@@ -33,17 +33,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from edge.session import open_session
-from handlers.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bundle, sha256_bytes,
-                             sha256_file)
-from handlers.preprocessing import InputSpec, decode_image
-from train.checkpoint import CheckpointError, load_checkpoint
+from contract import MODEL_NAME, TOLERANCE
+from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, file_entry, load_bundle,
+                             sha256_bytes, sha256_file, write_bundle)
+from contract.onnx_session import open_session, run_log_probs
+from contract.preprocessing import InputSpec, decode_image
+from train.checkpoint import CheckpointError, load_checkpoint, load_model
 from train.data import DataUnavailable, ensure_dataset, load_split
-from train.model import build_model
 
-MODEL_NAME = "mnist"  # the REST path /predictions/mnist and model_store/mnist.mar
 ONNX_OPSET = 18
-TOLERANCE = 1e-5  # max |dp| between an exported model and the eager one (DESIGN.md)
+INPUT_NAME, OUTPUT_NAME = "input", "log_probs"  # recorded in bundle.json; runtimes ask the model
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,12 +54,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def load_model(state: dict) -> torch.nn.Module:
-    model = build_model(state["architecture"])
-    model.load_state_dict(state["model_state"])
-    return model.eval()
 
 
 def test_images_as_png(state: dict, data_dir: Path, count: int) -> tuple[list[bytes], list[int]]:
@@ -106,12 +99,12 @@ def export_onnx(model, x: torch.Tensor, path: Path) -> np.ndarray:
 
     batch = torch.export.Dim("batch", min=1, max=65536)
     torch.onnx.export(model, (x[:2],), str(path), dynamo=True, external_data=False,
-                      opset_version=ONNX_OPSET, input_names=["input"], output_names=["log_probs"],
+                      opset_version=ONNX_OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                       dynamic_shapes={"x": {0: batch}}, verbose=False)
     if path.with_name(path.name + ".data").exists():
         raise RuntimeError(f"torch.onnx.export wrote {path.name}.data beside the model")
     onnx.checker.check_model(str(path), full_check=True)
-    return open_session(str(path), "cpu").run(None, {"input": x.numpy()})[0]
+    return run_log_probs(open_session(str(path), "cpu"), x.numpy())
 
 
 def build(args) -> None:
@@ -126,11 +119,11 @@ def build(args) -> None:
         "architecture": state["architecture"],
         "dataset": data["dataset"],
         "classes": data["classes"],
-        "input": {"name": "input", "dtype": "float32", "layout": "NCHW",
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
                   "channels": data["input_shape"][0], "height": data["input_shape"][1],
                   "width": data["input_shape"][2], "mean": [data["mean"]], "std": [data["std"]],
                   "scale": "pixel / 255, then (x - mean) / std"},
-        "output": {"name": "log_probs", "kind": "log_softmax", "probabilities": "exp(log_probs)"},
+        "output": {"name": OUTPUT_NAME, "kind": "log_softmax", "probabilities": "exp(log_probs)"},
     }
     spec = InputSpec.from_bundle(bundle)
     try:
@@ -157,8 +150,7 @@ def build(args) -> None:
                        "epoch": state["epoch"],
                        "test_accuracy": state["metrics"]["test_accuracy"],
                        "trained_on": state.get("trained_on", "cpu")},
-        "files": {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
-                  for name in ("model.pt", "model.onnx")},
+        "files": {name: file_entry(out / name) for name in ("model.pt", "model.onnx")},
         "export_check": {"images": len(x), "tolerance": TOLERANCE,
                          "torchscript_max_abs_dp": ts_diff, "onnx_max_abs_dp": onnx_diff},
         # What `export verify` expects the archived model to answer for a real test image.
@@ -168,7 +160,7 @@ def build(args) -> None:
         "torch_version": str(torch.__version__),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
-    (out / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2) + "\n")
+    write_bundle(bundle, out / BUNDLE_FILE)
     write_samples(pngs[:5], labels[:5], data["classes"], out / "samples")
     print(f"[export] wrote {out}/model.pt, {out}/model.onnx, {out}/{BUNDLE_FILE} "
           f"({data['dataset']}, epoch {state['epoch']}, test accuracy "
@@ -193,10 +185,11 @@ def archive(args) -> Path:
     args.model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=build_dir) as tmp:
         # torch-model-archiver copies the *contents* of an extra-files directory into the
-        # archive's root, so this stage holds handlers/ as a package beside bundle.json.
+        # archive's root, so this stage holds the contract package beside bundle.json: the
+        # handler's `import contract` resolves inside the unpacked archive.
         stage = Path(tmp) / "extra"
-        shutil.copytree(ROOT / "handlers", stage / "handlers",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.yaml"))
+        shutil.copytree(ROOT / "contract", stage / "contract",
+                        ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(build_dir / BUNDLE_FILE, stage / BUNDLE_FILE)
         command = [archiver_command(),
                    "--model-name", MODEL_NAME, "--version", args.version,
@@ -223,7 +216,7 @@ def verify_archive(mar: Path) -> dict:
             serialized, handler = manifest["model"]["serializedFile"], manifest["model"]["handler"]
         except (KeyError, json.JSONDecodeError) as error:
             raise BundleError(f"{mar}: missing or malformed MAR-INF/MANIFEST.json ({error})") from None
-        for required in (serialized, handler, BUNDLE_FILE, "handlers/preprocessing.py"):
+        for required in (serialized, handler, BUNDLE_FILE, "contract/preprocessing.py"):
             if required not in names:
                 raise BundleError(f"{mar} lacks {required}")
         with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-MODEL_NAME = "mnist"
+from contract import MODEL_NAME
 
 
 class ServerError(RuntimeError):

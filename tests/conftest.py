@@ -83,7 +83,7 @@ def artifacts(tmp_path_factory, fashion_test_set):
                "--build-dir", str(base / "build"), "--data-dir", str(DATA_DIR))
     run_module("export", "archive", "--build-dir", str(base / "build"),
                "--model-store", str(base / "model_store"))
-    from handlers.bundle import load_bundle
+    from contract.bundle import load_bundle
     return SimpleNamespace(checkpoint_dir=base / "checkpoints", build_dir=base / "build",
                            model_store=base / "model_store", mar=base / "model_store" / "mnist.mar",
                            bundle=load_bundle(base / "build"))

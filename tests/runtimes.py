@@ -8,12 +8,10 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from edge.session import open_session
-from handlers.preprocessing import InputSpec, decode_image
-from train.checkpoint import load_checkpoint
-from train.model import build_model
-
-TOLERANCE = 1e-5  # max |dp|, DESIGN.md "Numerics"
+from contract import TOLERANCE
+from contract.onnx_session import open_session, run_log_probs
+from contract.preprocessing import InputSpec, decode_image
+from train.checkpoint import load_model
 
 
 def preprocessed(pngs: list[bytes], bundle: dict) -> np.ndarray:
@@ -22,10 +20,7 @@ def preprocessed(pngs: list[bytes], bundle: dict) -> np.ndarray:
 
 
 def eager(checkpoint, x: np.ndarray, device: str = "cpu") -> np.ndarray:
-    state = load_checkpoint(checkpoint)
-    model = build_model(state["architecture"])
-    model.load_state_dict(state["model_state"])
-    model = model.eval().to(device)
+    model = load_model(checkpoint, device)
     with torch.inference_mode():
         return model(torch.from_numpy(x).to(device)).exp().double().cpu().numpy()
 
@@ -38,7 +33,7 @@ def torchscript(path, x: np.ndarray, device: str = "cpu") -> np.ndarray:
 
 def onnxruntime(path, x: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, list[str]]:
     session = open_session(str(path), device)
-    log_probs = session.run(None, {"input": x})[0]
+    log_probs = run_log_probs(session, x)
     return np.exp(log_probs.astype(np.float64)), session.get_providers()
 
 

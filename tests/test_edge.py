@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edge.session import open_session
+from contract.onnx_session import open_session, run_log_probs
 from tests import runtimes
 from tests.conftest import report, run_module
 
@@ -96,12 +96,12 @@ def test_int8_model_keeps_accuracy(edge_build):
 
 
 def test_ort_format_model_matches_the_onnx_model(edge_build, test_pngs):
-    from handlers.bundle import verify_file
+    from contract.bundle import verify_file
     bundle = json.loads((edge_build / "bundle.json").read_text())
     for name in ("model.ort", "model.required_operators.config"):
         verify_file(bundle, edge_build, name)
     x = runtimes.preprocessed(test_pngs[0], bundle)
-    fp32 = open_session(str(edge_build / "model.onnx")).run(None, {"input": x})[0]
-    ort = open_session(str(edge_build / "model.ort")).run(None, {"input": x})[0]
+    fp32 = run_log_probs(open_session(str(edge_build / "model.onnx")), x)
+    ort = run_log_probs(open_session(str(edge_build / "model.ort")), x)
     assert np.abs(np.exp(fp32) - np.exp(ort)).max() <= 1e-5
     assert "Conv" in (edge_build / "model.required_operators.config").read_text()

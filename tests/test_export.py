@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from edge.session import open_session
+from contract.onnx_session import open_session, run_log_probs
 from export.main import ExportMismatch, compare
-from handlers.bundle import BundleError, sha256_file, verify_file
+from contract.bundle import BundleError, sha256_file, verify_file
 
 
 def test_onnx_is_one_file_with_a_dynamic_batch(artifacts):
@@ -22,7 +22,7 @@ def test_onnx_is_one_file_with_a_dynamic_batch(artifacts):
     session = open_session(str(path))
     for batch in (1, 3, 64):
         x = np.random.default_rng(batch).standard_normal((batch, 1, 28, 28), dtype=np.float32)
-        assert session.run(None, {"input": x})[0].shape == (batch, 10)
+        assert run_log_probs(session, x).shape == (batch, 10)
 
 
 def test_bundle_json_is_the_contract(artifacts):
@@ -60,7 +60,7 @@ def test_archive_holds_model_handler_preprocessing_contract_and_config(artifacts
         names = set(mar.namelist())
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
         packed_bundle = json.loads(mar.read("bundle.json"))
-    assert {"model.pt", "mnist_handler.py", "handlers/preprocessing.py", "handlers/bundle.py",
+    assert {"model.pt", "mnist_handler.py", "contract/preprocessing.py", "contract/bundle.py",
             "bundle.json", "model-config.yaml"} <= names
     assert manifest["model"]["serializedFile"] == "model.pt"
     assert manifest["model"]["handler"] == "mnist_handler.py"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.session import open_session
+from contract.onnx_session import open_session, run_log_probs
 from tests import runtimes
 from tests.conftest import png_bytes, report
 
@@ -72,14 +72,10 @@ def test_gpu_runtimes_agree(artifacts, server, gpu_pngs):
 
 def test_tf32_effect_is_reported(artifacts, gpu_pngs):
     """Not an equality check: measures how far TF32 moves the log-probabilities from float64."""
-    from train.checkpoint import load_checkpoint
-    from train.model import build_model
+    from train.checkpoint import load_model
 
     x = torch.from_numpy(runtimes.preprocessed(gpu_pngs, artifacts.bundle))
-    state = load_checkpoint(artifacts.checkpoint_dir / "best.pt")
-    model = build_model(state["architecture"])
-    model.load_state_dict(state["model_state"])
-    model.eval()
+    model = load_model(artifacts.checkpoint_dir / "best.pt")
     with torch.inference_mode():
         reference = model.double()(x.double()).numpy()
         model = model.float().cuda()
@@ -90,7 +86,7 @@ def test_tf32_effect_is_reported(artifacts, gpu_pngs):
             figures[f"PyTorch CUDA, TF32 {'on' if tf32 else 'off'}"] = np.abs(out - reference).max()
     for tf32 in (False, True):
         session = open_session(str(artifacts.build_dir / "model.onnx"), "cuda:0", allow_tf32=tf32)
-        out = session.run(None, {"input": x.numpy()})[0].astype(np.float64)
+        out = run_log_probs(session, x.numpy()).astype(np.float64)
         figures[f"onnxruntime CUDA, use_tf32={int(tf32)}"] = np.abs(out - reference).max()
     for name, value in figures.items():
         report(f"TF32 effect ({torch.cuda.get_device_name(0)}), max |d log p| vs float64 CPU: {name}: {value:.3g}")

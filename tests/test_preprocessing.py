@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import encode_image
-from handlers.preprocessing import (MAX_BODY_BYTES, InputSpec, InvalidInput, decode_image,
+from contract.preprocessing import (MAX_BODY_BYTES, InputSpec, InvalidInput, decode_image,
                                     preprocess)
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.2860,), std=(0.3530,))
@@ -145,6 +145,6 @@ def test_decompression_bomb_is_refused_before_decoding():
 def test_preprocessing_imports_neither_torch_nor_ts():
     import subprocess
     import sys
-    code = ("import sys; import handlers.preprocessing, handlers.bundle; "
+    code = ("import sys; import contract.preprocessing, contract.bundle, contract.responses; "
             "bad = {'torch', 'ts'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

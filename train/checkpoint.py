@@ -6,12 +6,12 @@ object is refused instead of executed.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
+
+from contract.bundle import write_atomically
 
 FORMAT_VERSION = 1
 
@@ -27,18 +27,7 @@ def save_checkpoint(state: dict, path: Path | str) -> None:
     renamed over `path` (a rename within one file system is atomic). A crash at any point leaves
     either the previous file or the new one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
@@ -61,3 +50,13 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a checkpoint of this project (format {FORMAT_VERSION})")
     return state
 
+
+
+def load_model(source: Path | str | dict, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The eager model of a checkpoint (a path, or a state already loaded), in eval mode."""
+    from train.model import build_model
+
+    state = source if isinstance(source, dict) else load_checkpoint(source)
+    model = build_model(state["architecture"])
+    model.load_state_dict(state["model_state"])
+    return model.eval().to(device)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from contract import responses
+
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 28x28 digit is < 1 kB; config.properties matches it
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded size limit: a 1 MiB PNG can inflate to gigabytes
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -41,7 +43,7 @@ class InvalidInput(ValueError):
         self.status = status
 
     def to_response(self) -> dict:
-        return {"error": str(self), "status": self.status}
+        return responses.error(str(self), self.status)
 
 
 @dataclass(frozen=True)

@@ -39,3 +39,42 @@ def open_session(model_path: str, device: str = "cpu", threads: int = 1,
             f"asked onnxruntime for {wanted} but the session runs on {session.get_providers()}: "
             "check that the CUDA and cuDNN libraries onnxruntime-gpu needs are on LD_LIBRARY_PATH")
     return session
+
+
+class ModelMismatch(RuntimeError):
+    """bundle.json does not describe the model it sits beside."""
+
+
+def input_name(session: ort.InferenceSession) -> str:
+    """The model's one input, asked of the session (bundle.json records the same name)."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelMismatch(f"the model has inputs {[i.name for i in inputs]}; this project's models take one")
+    return inputs[0].name
+
+
+def run_log_probs(session: ort.InferenceSession, x, batch: int | None = None):
+    """log-probabilities for a float32 (N, C, H, W) array, in chunks of `batch` if given."""
+    import numpy as np
+
+    name = input_name(session)
+    if batch is None or len(x) <= batch:
+        return session.run(None, {name: x})[0]
+    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def check_model_matches_bundle(session: ort.InferenceSession, bundle: dict) -> str:
+    """The session's input name and shape and its class count against bundle.json; returns the
+    input name."""
+    expected = bundle["input"]
+    name = input_name(session)
+    if name != expected["name"]:
+        raise ModelMismatch(f"the model's inputs are [{name!r}], bundle.json says {expected['name']!r}")
+    shape = list(session.get_inputs()[0].shape[1:])
+    if shape != [expected["channels"], expected["height"], expected["width"]]:
+        raise ModelMismatch(f"the model takes (batch, {', '.join(map(str, shape))}), bundle.json says "
+                            f"({expected['channels']}, {expected['height']}, {expected['width']})")
+    classes = session.get_outputs()[0].shape[-1]
+    if classes != len(bundle["classes"]):
+        raise ModelMismatch(f"the model has {classes} outputs, bundle.json names {len(bundle['classes'])} classes")
+    return name

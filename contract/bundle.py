@@ -1,13 +1,17 @@
 """bundle.json: the contract between export and every runtime (numpy-free, torch-free).
 
-export/ writes it once from the checkpoint; the TorchServe handler, the edge predictor and the
-parity tests read it. Nothing else hard-codes normalization, input size or class names.
+export/ writes it from the checkpoint (write_bundle, record_files: always atomically); the
+TorchServe handler, the edge predictor and the parity tests read it. Nothing else hard-codes
+normalization, input size or class names.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 BUNDLE_FILE = "bundle.json"
 FORMAT_VERSION = 1
@@ -74,3 +78,53 @@ def verify_file(bundle: dict, directory: Path | str, name: str) -> Path:
         raise BundleError(f"{path} has SHA-256 {actual}, but bundle.json expects {entry['sha256']}: "
                           "the file was changed after export; rebuild it with `make archive`")
     return path
+
+
+def write_atomically(path: Path | str, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write `data` (bytes, or a function that writes to a binary file) to `path` so that a
+    reader sees the old file or the new one, never half.
+
+    A temporary file in the same directory, flushed to disk, then renamed over `path` (a rename
+    within one file system is atomic). A failure at any point leaves the previous file and no
+    temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bundle(bundle: dict, path: Path | str) -> Path:
+    """bundle.json, written atomically; `path` may be the file or its directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BUNDLE_FILE
+    write_atomically(path, (json.dumps(bundle, indent=2, allow_nan=False) + "\n").encode())
+    return path
+
+
+def file_entry(path: Path | str) -> dict:
+    """What bundle.json records of an exported file."""
+    return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
+
+
+def record_files(build_dir: Path | str, names: list[str], section: str | None = None,
+                 report: dict | None = None) -> dict:
+    """Add the SHA-256 and size of `names` (files in build_dir) to build_dir/bundle.json, and
+    `report` under bundle["edge"][section]; returns the bundle as written."""
+    build_dir = Path(build_dir)
+    bundle = load_bundle(build_dir / BUNDLE_FILE)
+    for name in names:
+        bundle["files"][name] = file_entry(build_dir / name)
+    if report is not None:
+        bundle.setdefault("edge", {})[section] = report
+    write_bundle(bundle, build_dir / BUNDLE_FILE)
+    return bundle

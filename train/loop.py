@@ -1,0 +1,250 @@
+"""The training loop, importable without a command line (train/main.py parses one; bench/ and
+the tests import this).
+
+Each split is decoded once into a tensor that lives on the training device; every epoch draws
+its order (and its flips) from (seed, epoch), so a run resumed from `last.pt` sees exactly the
+batches that an uninterrupted run would have seen.
+
+Under torchrun the batch size stays the global batch: each of the N processes takes its 1/N
+slice of every batch, and the loss is scaled so that the averaged gradient is the
+single-process one. Rank 0 evaluates and writes checkpoints; the others wait at a barrier.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train import distributed
+from train.checkpoint import FORMAT_VERSION, save_checkpoint
+from train.data import DatasetInfo, load_split, normalize, pixel_statistics
+from train.model import ARCHITECTURE, INPUT_SHAPE, build_model
+
+
+@dataclass
+class Data:
+    """The splits of one data set, normalized, on the training device."""
+    info: DatasetInfo
+    mean: float
+    std: float
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+@dataclass
+class Run:
+    """One training run: its settings (plain data, saved in every checkpoint), what it trains,
+    and how far it got."""
+    settings: dict
+    epochs: int
+    checkpoint_dir: Path
+    device: torch.device
+    group: distributed.Group
+    data: Data
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    history: list[dict] = field(default_factory=list)
+    best_accuracy: float = -1.0
+    first_epoch: int = 1
+
+
+def load_data(info: DatasetInfo, data_dir: Path, device: torch.device, train_limit: int | None = None,
+              test_limit: int | None = None, normalization: tuple[float, float] | None = None) -> Data:
+    """Both splits as tensors on `device`, normalized with the training set's own mean and std
+    (or `normalization`, a resumed run's)."""
+    train_split, test_split = load_split(info, data_dir, train=True), load_split(info, data_dir, train=False)
+    train_images, train_labels = train_split.images[:train_limit], train_split.labels[:train_limit]
+    test_images, test_labels = test_split.images[:test_limit], test_split.labels[:test_limit]
+    mean, std = normalization or pixel_statistics(train_images)
+    return Data(info, mean, std, normalize(train_images, mean, std).to(device), train_labels.to(device),
+                normalize(test_images, mean, std).to(device), test_labels.to(device))
+
+
+def build_run(settings: dict, epochs: int, checkpoint_dir: Path, device: torch.device,
+              group: distributed.Group, data: Data, resumed: dict | None = None) -> Run:
+    """Model, optimizer and schedule for `settings`, restored from `resumed` (a checkpoint) if given."""
+    torch.manual_seed(settings["seed"])  # the same initial weights on every rank
+    model = build_model(ARCHITECTURE).to(device)
+    if device.type == "cpu":
+        # oneDNN's convolutions and max-pooling are vectorized for channels-last tensors: a
+        # training step was 1.6x faster on the 2-core CPU host (README "Performance"; the
+        # profile: max_pool2d was 28% of a step). The weights are the same numbers either way.
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
+                                nesterov=settings["nesterov"], weight_decay=settings["weight_decay"],
+                                foreach=True)
+    scheduler = None
+    if settings["schedule"] == "onecycle":
+        steps = -(-len(data.y_train) // settings["batch_size"])
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
+                                                        epochs=epochs, steps_per_epoch=steps)
+    run = Run(settings, epochs, checkpoint_dir, device, group, data, model, optimizer, scheduler)
+    if resumed:
+        model.load_state_dict(resumed["model_state"])
+        optimizer.load_state_dict(resumed["optimizer_state"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resumed["scheduler_state"])
+        restore_rng_state(resumed["rng_state"])
+        run.history = resumed["history"]
+        run.first_epoch = resumed["epoch"] + 1
+        run.best_accuracy = resumed["best_test_accuracy"]
+    return run
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of epoch `epoch`: a function of (seed, epoch) alone, hence resumable."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which training images are mirrored in epoch `epoch`: like the order, resumable."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 50_000)
+    return torch.rand(n, generator=g) < 0.5
+
+
+def train_epoch(model, optimizer, images, labels, batch_size, order, progress,
+                group: distributed.Group = distributed.Group(), scheduler=None,
+                flips: torch.Tensor | None = None) -> float:
+    """One pass over `order`. flips: a bool per training image, True to mirror it this epoch."""
+    model.train()
+    total_loss = torch.zeros((), device=images.device)
+    order = order.to(images.device)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        mine = distributed.my_share(batch, group)
+        x = images[mine]
+        if flips is not None:
+            x = torch.where(flips[mine].view(-1, 1, 1, 1), x.flip(-1), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = F.nll_loss(model(x), labels[mine], reduction="sum")
+        # DDP averages gradients over the ranks: scaled so, the step is that of the global mean
+        (loss_sum * group.world_size / len(batch)).backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss_sum.detach()  # stays on the device: no per-step sync
+        progress.update(len(batch))
+    return float(distributed.sum_over_ranks(total_loss, group)) / len(order)
+
+
+@torch.no_grad()
+def test(model, images, labels, batch_size) -> tuple[float, float]:
+    model.eval()
+    loss = torch.zeros((), device=images.device, dtype=torch.float64)
+    correct = torch.zeros((), device=images.device, dtype=torch.int64)
+    for start in range(0, len(labels), batch_size):
+        out = model(images[start:start + batch_size])
+        target = labels[start:start + batch_size]
+        loss += F.nll_loss(out, target, reduction="sum")
+        correct += (out.argmax(1) == target).sum()
+    return float(loss) / len(labels), float(correct) / len(labels)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def train(run: Run, last_epoch: int, test_batch_size: int = 1000) -> None:
+    """Epochs run.first_epoch..last_epoch; after each, rank 0 evaluates and writes checkpoints."""
+    settings, data = run.settings, run.data
+    trained = distributed.wrap(run.model, run.group, run.device)
+    for epoch in range(run.first_epoch, last_epoch + 1):
+        started = time.perf_counter()
+        order = epoch_order(len(data.y_train), settings["seed"], epoch)
+        flips = epoch_flips(len(data.y_train), settings["seed"], epoch).to(run.device) if settings["flip"] else None
+        with tqdm(total=len(order), desc=f"epoch {epoch}/{run.epochs}", unit="img",
+                  disable=None if run.group.is_main else True, leave=False, file=sys.stderr) as progress:
+            train_loss = train_epoch(trained, run.optimizer, data.x_train, data.y_train,
+                                     settings["batch_size"], order, progress, run.group, run.scheduler, flips)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        if run.group.is_main:  # rank 0 evaluates and writes; the others wait at the barrier
+            test_loss, test_accuracy = test(run.model, data.x_test, data.y_test, test_batch_size)
+            run.history.append({"epoch": epoch, "train_loss": round(train_loss, 6),
+                                "test_loss": round(test_loss, 6), "test_accuracy": test_accuracy,
+                                "epoch_seconds": round(seconds, 3),
+                                "images_per_second": round(len(order) / seconds, 1)})
+            improved = test_accuracy > run.best_accuracy
+            run.best_accuracy = max(run.best_accuracy, test_accuracy)
+            save_checkpoints(run, epoch, improved)
+            print(f"[train] epoch {epoch}/{run.epochs}: train loss {train_loss:.4f}, test loss "
+                  f"{test_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%, {seconds:.1f} s "
+                  f"({len(order) / seconds:,.0f} img/s){' -> best.pt' if improved else ''}", flush=True)
+        distributed.barrier(run.group)
+
+
+def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
+    """last.pt (and best.pt when the epoch improved), metrics.csv and curves.png."""
+    state = {
+        "format_version": FORMAT_VERSION,
+        "architecture": ARCHITECTURE,
+        "model_state": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "optimizer_state": run.optimizer.state_dict(),
+        "scheduler_state": run.scheduler.state_dict() if run.scheduler is not None else {},
+        "epoch": epoch,
+        "rng_state": rng_state(),
+        "settings": run.settings,
+        "metrics": run.history[-1],
+        "history": run.history,
+        "best_test_accuracy": run.best_accuracy,
+        "data": {"dataset": run.data.info.name, "classes": list(run.data.info.classes),
+                 "mean": run.data.mean, "std": run.data.std, "input_shape": list(INPUT_SHAPE)},
+        "torch_version": str(torch.__version__),
+        "trained_on": run.device.type,
+        "world_size": run.group.world_size,
+    }
+    save_checkpoint(state, run.checkpoint_dir / "last.pt")
+    if improved:
+        save_checkpoint(state, run.checkpoint_dir / "best.pt")
+    write_metrics(run.history, run.checkpoint_dir)
+
+
+def write_metrics(history: list[dict], directory: Path) -> None:
+    """metrics.csv and curves.png, rewritten from the full history (so a resume never duplicates)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    tmp = directory / ".metrics.csv.tmp"
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, directory / "metrics.csv")
+    plot_curves(history, directory / "curves.png")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="NLL loss", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-")
+    ax_acc.set(xlabel="epoch", ylabel="%", title="test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
