@@ -129,6 +129,7 @@ def decode(data: bytes) -> DecodedImage:
     _check_declared_webp_size(data)  # libwebp allocates its canvas when the file is opened
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd files: the answer says it
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=FORMATS) as image:
                 _check_declared_size(image, data)
