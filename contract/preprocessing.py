@@ -362,7 +362,7 @@ def _unaccepted_format_message(data: bytes) -> str:
                 f"it to PNG (or JPEG, BMP, GIF, WebP, TIFF) and send that, or send {ACCEPTED}")
     text = data[:64].decode("utf-8", "strict") if _is_text(data[:64]) else None
     if text is not None:
-        return (f"got text that is not JSON, a data URL or base64 of an image "
+        return (f"got text that is not an image, JSON, a data URL or base64 of an image "
                 f"(it starts {_clip(text, 20)!r}); send {ACCEPTED}")
     return f"body is not an image in an accepted format (it starts {data[:8].hex(' ')}); send {ACCEPTED}"
 

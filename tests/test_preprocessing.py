@@ -96,7 +96,7 @@ def bomb() -> bytes:
     (b"x" * (MAX_BODY_BYTES + 1), 413, "limit"),
     (b'{"pixels": [[1, 2]', 400, "malformed JSON"),
     (b"[1, 2, 3]", 400, "JSON object"),
-    ("plain text", 400, "not JSON"),
+    ("plain text", 400, "got text that is not an image"),
     ({"pixels": [[0] * 28] * 27}, 400, "28 rows of 28"),
     ({"pixels": [0] * 784}, 400, "flat list"),
     ({"pixels": [[300] * 28] * 28}, 400, "0..255"),

@@ -118,7 +118,7 @@ def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
         ("bad base64", b'{"image": "%%%"}', "application/json", 400, "base64"),
         ("base64 of garbage", json.dumps({"image": base64.b64encode(b"garbage").decode()}).encode(), "application/json", 400, "not an image"),
         ("unknown keys", b'{"img": "x"}', "application/json", 400, "exactly one"),
-        ("plain text", b"hello", "text/plain", 400, "not JSON"),
+        ("plain text", b"hello", "text/plain", 400, "got text that is not an image"),
         ("form post", b"a=b", "application/x-www-form-urlencoded", 400, "Content-Type"),
     ]
 
@@ -241,23 +241,34 @@ def curl_form_post(server, path) -> tuple[int, str]:
     return int(status), text
 
 
+def netty_refuses_form(data: bytes) -> bool:
+    """Whether Netty's form decoder meets a bad %-escape: in every name=value pair it decodes,
+    that is everything but a last '&'-separated part without '=' (seen on TorchServe 0.12.0)."""
+    bad_escape = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+    head, _, tail = data.rpartition(b"&")
+    return bool(bad_escape.search(head)) or (b"=" in tail and bool(bad_escape.search(tail)))
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_form_post_of_a_binary_file(server, test_pngs, tmp_path):
     """TorchServe's frontend parses a form post before the handler sees it (Netty's
-    HttpPostRequestDecoder): a file with a '%' not followed by two hex digits makes it answer
-    500 ErrorDataDecoderException; any other file reaches the handler, which answers 400."""
-    pngs = test_pngs[0]
-    bad_escape = next(p for p in pngs if re.search(rb"%(?![0-9A-Fa-f]{2})", p.replace(b"\r", b"").replace(b"\n", b"")))
-    no_escape = next(p for p in pngs if b"%" not in p)
-    (tmp_path / "escape.png").write_bytes(bad_escape)
-    (tmp_path / "plain.png").write_bytes(no_escape)
+    HttpPostRequestDecoder): a bad %-escape makes it answer 500 ErrorDataDecoderException
+    itself; any other file reaches the handler, which answers 400 with what to send instead."""
+    as_curl_sends = [p.replace(b"\r", b"").replace(b"\n", b"") for p in test_pngs[0]]  # curl -d drops them
+    refused = next(i for i, p in enumerate(as_curl_sends) if netty_refuses_form(p))
+    passed = next(i for i, p in enumerate(as_curl_sends) if b"%" not in p)
+    (tmp_path / "refused.png").write_bytes(test_pngs[0][refused])
+    (tmp_path / "passed.png").write_bytes(test_pngs[0][passed])
     pid = worker_pid(server)
 
-    status, text = curl_form_post(server, tmp_path / "plain.png")
+    status, text = curl_form_post(server, tmp_path / "passed.png")
     assert status == 400, text
     error = strict_json(text)["error"]
     assert "--data-binary" in error and "curl -T" in error
 
-    status, text = curl_form_post(server, tmp_path / "escape.png")
+    status, text = curl_form_post(server, tmp_path / "refused.png")
     assert status == 500 and strict_json(text)["type"] == "ErrorDataDecoderException", text
+    share = sum(map(netty_refuses_form, as_curl_sends)) / len(as_curl_sends)
+    report(f"curl -d @file of the test set's 28x28 PNGs: {100 * share:.0f}% answered 500 by "
+           "TorchServe's frontend (a bad %-escape), the rest 400 by the handler")
     assert worker_pid(server) == pid
