@@ -107,12 +107,8 @@ def preprocess(body, spec: InputSpec) -> np.ndarray:
         return decode_image(_unwrap_text(body.encode("utf-8", "surrogatepass")), spec)
     if isinstance(body, dict):
         return _from_json_object(body, spec)
-    if body is None:
-        raise InvalidInput("no image in the request: a form post (curl -d, urllib's default) "
-                           "cannot carry an image; send the file's bytes with curl --data-binary "
-                           "@file -H 'Content-Type: application/octet-stream' (or curl -T file), "
-                           "or a multipart upload with a file field")
-    raise InvalidInput(f"expected a JSON object, got a JSON {type(body).__name__}; send {ACCEPTED}")
+    kind = "null" if body is None else type(body).__name__
+    raise InvalidInput(f"expected a JSON object, got a JSON {kind}; send {ACCEPTED}")
 
 
 def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:

@@ -50,22 +50,27 @@ def request_body(row, content_type: str = "", part_types: dict[str, str] | None 
     raw body as "body" (added last, so that a query parameter "?body=" cannot replace it), and
     gRPC's input as "data". `part_types` are the per-part content types: a multipart file upload
     has one, plain fields and query parameters have none. A urlencoded form (curl -d, urllib's
-    default) cannot carry an image: it yields None, which the preprocessing answers with what
-    to send instead.
+    default) cannot carry an image: InvalidInput says what to send instead.
     """
     if not isinstance(row, dict):
         return row
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "application/x-www-form-urlencoded":
-        return None
+        raise InvalidInput("a form post (curl -d, urllib's default) cannot carry an image: send the "
+                           "file's bytes with curl --data-binary @file -H 'Content-Type: "
+                           "application/octet-stream' (or curl -T file), or a multipart upload "
+                           "with a file field (curl -F file=@file)")
     if media_type.startswith("multipart/"):
         files = [name for name in row if (part_types or {}).get(name)]
         candidates = [*(f for f in FILE_FIELDS if f in files), *files, *(f for f in FILE_FIELDS if f in row)]
-        return row[candidates[0]] if candidates else None
+        if not candidates:
+            raise InvalidInput("send a multipart upload with a file field (curl -F file=@digit.png); "
+                               f"this one has only the fields {sorted(row)[:8]}")
+        return row[candidates[0]]
     for key in ("body", "data"):
         if key in row:
             return row[key]
-    return None
+    raise InvalidInput("the request has no body: send the image's bytes, or JSON")
 
 
 def request_headers(context, idx: int) -> tuple[dict[str, str], dict[str, str]]:
