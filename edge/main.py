@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import stat
 import sys
 import time
@@ -52,9 +53,10 @@ def read_image_file(path: Path) -> bytes:
 
 
 def shown(path: Path) -> str:
-    """The path as text that fits on one line: control and undecodable characters escaped."""
-    text = str(path)
-    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    """The path as text that fits on one line: bytes that are not UTF-8 as \\xNN, control
+    characters as \\n, \\x1b and so on."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def positive_int(text: str) -> int:
