@@ -155,6 +155,7 @@ def bad_cases() -> list[Case]:
         Case("pixel of 5000 digits", b'{"pixels": [[' + b"9" * 5000 + b"]]}", "application/json", 400, "malformed JSON"),
         Case("NaN token in pixels", b'{"pixels": [' + b",".join([b"[" + b",".join([b"NaN"] * 28) + b"]"] * 28) + b"]}", "application/json", 400, "NaN"),
         Case("1e999 in pixels", b'{"pixels": [' + b",".join([b"[" + b",".join([b"1e999"] * 28) + b"]"] * 28) + b"]}", "application/json", 400, "infinity"),
+        Case("a MiB of empty JSON objects", b"[" + b"{}," * 349_000 + b"{}]", "application/json", 400, "got a JSON list"),
         Case("many JSON keys", json.dumps({f"key{i}": i for i in range(20000)}).encode(), "application/json", 400, "and 19992 more"),
         Case("data URL without base64", b'{"image": "data:image/png,abc"}', "application/json", 400, "must be base64"),
         Case("truncated GIF", animated("GIF", [digit()])[:40], "image/gif", 400, "truncated or corrupt"),
