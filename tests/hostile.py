@@ -49,6 +49,13 @@ def png_of_size(width: int, height: int, mode: str = "L", interlace: bool = Fals
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header (and its checksum) is rewritten to declare width x height."""
+    real = png_of_size(1, 1)
+    header = struct.pack(">II", width, height) + real[24:29]
+    return real[:16] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + real[33:]
+
+
 def _adam7_rows(width, height, channels):
     for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
                            (1, 0, 2, 2), (0, 1, 1, 2)):

@@ -97,14 +97,14 @@ def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
     digit = np.zeros((28, 28), np.uint8)
     digit[5:23, 9:19] = 200
     png = encode_image(digit, "PNG")
-    bomb = encode_image(np.zeros((20000, 20000), np.uint8), "PNG")
+    bomb = hostile.png_declaring(20000, 20000)
     pixels = digit.tolist()
     return [
         ("empty body", b"", "application/octet-stream", 400, "empty"),
         ("truncated PNG", png[: len(png) // 2], "image/png", 400, "truncated"),
         ("random bytes", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "application/octet-stream", 400, "not an image"),
         ("decompression bomb", bomb, "image/png", 413, "decompression bomb"),
-        ("too many pixels", encode_image(np.zeros((5000, 5000), np.uint8), "PNG"), "image/png", 413, "exceeds the limit"),
+        ("too many pixels", hostile.png_declaring(5000, 5000), "image/png", 413, "exceeds the limit"),
         # refused by TorchServe's frontend (max_request_size) before the handler: no JSON body
         ("over 1 MiB", rng.integers(0, 256, 1_100_000, dtype=np.uint8).tobytes(), "application/octet-stream", 413, None),
         ("malformed JSON", b'{"pixels": [[1, 2', "application/json", 400, "malformed JSON"),
