@@ -48,7 +48,7 @@ def request_body(row, content_type: str = "", part_types: dict[str, str] | None 
 
     TorchServe hands over one dict per request: query parameters and form fields by name, the
     raw body as "body" (added last, so that a query parameter "?body=" cannot replace it), and
-    gRPC's input as "data". `part_types` are the per-part content types: a multipart file upload
+    gRPC's input under the client's name ("data" by convention). `part_types` are the per-part content types: a multipart file upload
     has one, plain fields and query parameters have none. A urlencoded form (curl -d, urllib's
     default) cannot carry an image: InvalidInput says what to send instead.
     """
@@ -70,6 +70,8 @@ def request_body(row, content_type: str = "", part_types: dict[str, str] | None 
     for key in ("body", "data"):
         if key in row:
             return row[key]
+    if len(row) == 1:  # gRPC's input map, under whatever name the client chose
+        return next(iter(row.values()))
     raise InvalidInput("the request has no body: send the image's bytes, or JSON")
 
 
