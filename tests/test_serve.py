@@ -272,3 +272,21 @@ def test_curl_form_post_of_a_binary_file(server, test_pngs, tmp_path):
     report(f"curl -d @file of the test set's 28x28 PNGs: {100 * share:.0f}% answered 500 by "
            "TorchServe's frontend (a bad %-escape), the rest 400 by the handler")
     assert worker_pid(server) == pid
+
+
+def test_request_body_rules():
+    """How the handler picks the payload out of what TorchServe hands over (no server needed)."""
+    from contract.preprocessing import InvalidInput
+    from handlers.mnist_handler import request_body
+    multipart = "multipart/form-data; boundary=x"
+    assert request_body(b"raw") == b"raw"
+    assert request_body({"body": b"png", "data": b"query"}, "image/png", {"body": "image/png", "data": ""}) == b"png"
+    assert request_body({"note": b"n", "upload": b"png"}, multipart, {"note": "", "upload": "image/png"}) == b"png"
+    assert request_body({"upload": b"a", "file": b"b"}, multipart, {"upload": "image/png", "file": "image/png"}) == b"b"
+    assert request_body({"image": b"base64"}, multipart, {"image": ""}) == b"base64"  # a text field named image
+    assert request_body({"any_name": b"grpc"}) == b"grpc"
+    for row, content_type, words in [({"a": b"b"}, "Application/X-WWW-Form-URLEncoded; charset=utf-8", "--data-binary"),
+                                     ({"note": b"n"}, multipart, "file field"),
+                                     ({"x": b"1", "y": b"2"}, "", "no body")]:
+        with pytest.raises(InvalidInput, match=words):
+            request_body(row, content_type, {})
