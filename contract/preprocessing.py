@@ -3,13 +3,22 @@
 numpy + Pillow only (no torch), so the TorchServe handler, the edge predictor, export's checks
 and the tests all run the same code. Accepted bodies:
 
-- image bytes: PNG, JPEG, BMP, GIF, WebP, TIFF, ...; any size; any mode (1, L, P, RGB, RGBA, LA,
-  I;16, I, F, CMYK, ...). Colour becomes luminance (ITU-R 601-2, Pillow's "L"); transparency is
-  composited over black (the background of MNIST-style images); 16-bit values are scaled to
-  0..255; a non-square image is padded with black to a square, then resized to H x W.
-- JSON {"image": "<base64 of image bytes>"} (a "data:image/...;base64," prefix is allowed);
+- image bytes in one of FORMATS (PNG, JPEG, BMP, GIF, WebP, TIFF); any mode (1, L, P, RGB, RGBA,
+  LA, CMYK, 16-bit, 32-bit integer, float). Colour becomes luminance (ITU-R 601-2, Pillow's "L");
+  transparency is composited over black (the background of MNIST-style images); 16-bit and
+  32-bit integer values 0..65535 are scaled to 0..255, float values 0..1 to 0..255. Of an
+  animated GIF, WebP or PNG, or a multi-page TIFF, only the first frame is read. The image is
+  scaled, keeping its aspect, until its long side is H (or W), and centred on black;
+- the same bytes as base64 text or a data URL ("data:image/png;base64,..."), line breaks and
+  spaces allowed (what `base64 file.png` prints);
+- JSON {"image": "<base64 or data URL of image bytes>"};
 - JSON {"pixels": [[H rows of W numbers in 0..255]]}: a light object on a dark background, as in
   MNIST.
+
+Cost per request is bounded by the limits below, checked before any pixel is decoded: the width
+and the height each, the pixel count, the number of JPEG scans. Pixels are then turned into grey
+in strips of rows and block-averaged down to WORK_SIDE, so that working memory follows the pixels
+and never the square of the long side.
 
 Whatever cannot be used raises InvalidInput with the HTTP status to answer (400, or 413 for too
 large) and a message that says what was wrong and what to send instead.
@@ -20,19 +29,29 @@ import base64
 import binascii
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from contract import responses
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 28x28 digit is < 1 kB; config.properties matches it
-MAX_IMAGE_PIXELS = 4096 * 4096  # decoded size limit: a 1 MiB PNG can inflate to gigabytes
-SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+MAX_SIDE = 8192  # width and height each, checked before decoding: an 80-byte PNG can claim 60000x1
+# Decoded pixels: Pillow holds up to 4 bytes per pixel and libwebp two more canvases, so the
+# worst file at 4 megapixels, an RGBA WebP, raised the peak RSS by 61 MiB (decoded in a fresh
+# process on the 2-core CPU host; a progressive JPEG 36 MiB, an RGBA PNG 23 MiB).
+MAX_PIXELS = 1 << 22
+MAX_JPEG_SCANS = 64  # each progressive scan passes over the whole image; real files have ~10
+WORK_SIDE = 512  # decoded images are block-averaged to at most this long side before fitting
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")  # Pillow's names; nothing else is opened
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 ACCEPTED = ("image bytes (PNG, JPEG, BMP, GIF, WebP, TIFF), JSON {\"image\": \"<base64>\"}, "
             "or JSON {\"pixels\": [[...]]}")
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
+Image.init()  # every plugin registered, so that a refused format can be named
 
 
 class InvalidInput(ValueError):
@@ -62,52 +81,85 @@ class InputSpec:
                    tuple(float(m) for m in spec["mean"]), tuple(float(s) for s in spec["std"]))
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image file's first frame, before it is fitted to the model's input.
+
+    gray:  (h, w) float32 luminance 0..255, transparent parts composited over black;
+    alpha: (h, w) float32 opacity 0..255, or None for an opaque image.
+    The long side is at most WORK_SIDE (larger images are block-averaged, premultiplied by alpha).
+    """
+    gray: np.ndarray
+    alpha: np.ndarray | None
+    format: str
+
+
 def preprocess(body, spec: InputSpec) -> np.ndarray:
     """Any accepted request body (bytes, str, or JSON already decoded by TorchServe) -> (1,C,H,W)."""
     if isinstance(body, (bytes, bytearray, memoryview)):
         body = bytes(body)
         if body.lstrip()[:1] in (b"{", b"["):  # JSON, whatever its Content-Type said
             return preprocess(_parse_json(body), spec)
-        return decode_image(body, spec)
+        return decode_image(_unwrap_text(body), spec)
     if isinstance(body, str):
         if body.lstrip()[:1] in ("{", "["):
-            return preprocess(_parse_json(body.encode("utf-8")), spec)
-        raise InvalidInput(f"got text that is not JSON; send {ACCEPTED}")
+            return preprocess(_parse_json(body.encode("utf-8", "surrogatepass")), spec)
+        return decode_image(_unwrap_text(body.encode("utf-8", "surrogatepass")), spec)
     if isinstance(body, dict):
         return _from_json_object(body, spec)
-    if body is None:
-        raise InvalidInput("empty request (a form-encoded POST arrives empty): send the image "
-                           "with Content-Type: application/octet-stream or the image's own type")
-    raise InvalidInput(f"expected a JSON object, got a JSON {type(body).__name__}; send {ACCEPTED}")
+    kind = "null" if body is None else type(body).__name__
+    raise InvalidInput(f"expected a JSON object, got a JSON {kind}; send {ACCEPTED}")
 
 
 def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
     """Image file bytes -> (1, C, H, W) float32, normalized with the spec's mean and std."""
+    return normalize(fit(decode(data).gray, spec), spec)
+
+
+def decode(data: bytes) -> DecodedImage:
+    """Image file bytes -> its first frame as grey (and alpha), within the limits above."""
     if len(data) == 0:
         raise InvalidInput(f"empty body: send {ACCEPTED}")
     if len(data) > MAX_BODY_BYTES:
         raise InvalidInput(f"body of {len(data)} bytes exceeds the {MAX_BODY_BYTES}-byte limit; "
-                           f"send a smaller image (the model sees {spec.width}x{spec.height})", 413)
+                           "send a smaller image (the model sees 28x28 pixels)", 413)
+    _check_declared_webp_size(data)  # libwebp allocates its canvas when the file is opened
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd files: the answer says it
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = image.width * image.height
-                if pixels > MAX_IMAGE_PIXELS:
-                    raise InvalidInput(
-                        f"image of {image.width}x{image.height} pixels exceeds the limit of "
-                        f"{MAX_IMAGE_PIXELS} pixels; downscale it first", 413)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                _check_declared_size(image, data)
                 image.load()
-                gray = _to_gray(image)
+                _check_size(image)  # a decoder may change its mind about the size
+                gray, alpha = _to_gray_and_alpha(image)
+                return DecodedImage(gray, alpha, image.format)
     except InvalidInput:
         raise
+    except Image.UnidentifiedImageError:
+        raise InvalidInput(_unaccepted_format_message(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InvalidInput(f"image refused as a decompression bomb: {error}", 413) from None
-    except UnidentifiedImageError:
-        raise InvalidInput(f"body is not an image that Pillow can decode; send {ACCEPTED}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise InvalidInput(f"image is truncated or corrupt ({error}); send the complete file") from None
-    return normalize(_fit(gray, spec), spec)
+    except MemoryError:
+        raise InvalidInput("image needs more memory to decode than a request may use; "
+                           "send a smaller image", 413) from None
+    except Exception as error:  # any decoder fault is the file's: the worker and batch live on
+        raise InvalidInput(f"image is truncated or corrupt ({type(error).__name__}: "
+                           f"{_clip(str(error))}); send the complete file") from None
+
+
+def fit(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Scale keeping the aspect until the long side fills (H, W), centred on black."""
+    h, w = gray.shape
+    if (h, w) == (spec.height, spec.width):
+        return gray
+    scale = min(spec.height / h, spec.width / w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # Pillow's (width, height)
+    resized = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.LANCZOS), np.float32)
+    canvas = np.zeros((spec.height, spec.width), np.float32)
+    top, left = (spec.height - size[1]) // 2, (spec.width - size[0]) // 2
+    canvas[top:top + size[1], left:left + size[0]] = resized
+    return np.clip(canvas, 0, 255)
 
 
 def pixels_to_array(pixels, spec: InputSpec) -> np.ndarray:
@@ -116,14 +168,16 @@ def pixels_to_array(pixels, spec: InputSpec) -> np.ndarray:
     if not (isinstance(pixels, list) and len(pixels) == spec.height
             and all(isinstance(row, list) and len(row) == spec.width for row in pixels)):
         raise InvalidInput(f"\"pixels\" must be {shape} in 0..255, got {_describe_shape(pixels)}")
-    if not all(type(v) in (int, float) for row in pixels for v in row):
+    values = [v for row in pixels for v in row]
+    if not all(type(v) in (int, float) for v in values):
         raise InvalidInput("\"pixels\" values must be numbers in 0..255 (no strings, booleans or nulls)")
-    array = np.asarray(pixels, dtype=np.float64)
-    if not np.isfinite(array).all():
+    # compared as Python numbers: a 400-digit integer must not overflow on its way into numpy
+    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
         raise InvalidInput("\"pixels\" holds NaN or infinity; values must be numbers in 0..255")
-    if array.min() < 0 or array.max() > 255:
-        raise InvalidInput(f"\"pixels\" values must lie in 0..255, got {array.min():g}..{array.max():g}")
-    return normalize(array.astype(np.float32), spec)
+    if not all(0 <= v <= 255 for v in values):
+        low, high = min(values), max(values)
+        raise InvalidInput(f"\"pixels\" values must lie in 0..255, got {_number(low)}..{_number(high)}")
+    return normalize(np.asarray(pixels, dtype=np.float32), spec)
 
 
 def normalize(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -133,61 +187,238 @@ def normalize(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.stack(channels)[np.newaxis].astype(np.float32, copy=False)
 
 
+# --- limits, checked on what the file declares ------------------------------------------------
+
+def _check_declared_size(image: Image.Image, data: bytes) -> None:
+    """Width, height, pixels and scans as the file declares them, before any pixel is decoded."""
+    _check_sides(image)
+    if image.format == "JPEG" and not image.info.get("progressive"):
+        # libjpeg scales baseline JPEGs down by up to 8 while decoding: the pixel limit applies
+        # to that (progressive JPEGs keep every coefficient in memory, so theirs to the file's)
+        image.draft("L" if image.mode in ("RGB", "YCbCr") else None,
+                    _scaled_to(*image.size, WORK_SIDE))
+    _check_size(image)
+    if image.format == "JPEG":
+        scans = data.count(b"\xff\xda")  # start-of-scan markers (0xFF is escaped in scan data)
+        if scans > MAX_JPEG_SCANS:
+            raise InvalidInput(f"JPEG with {scans} scans exceeds the limit of {MAX_JPEG_SCANS}; "
+                               "save it as a baseline JPEG or PNG", 413)
+
+
+def _check_size(image: Image.Image) -> None:
+    _check_sides(image)
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise InvalidInput(f"image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS} "
+                           "pixels; downscale it first", 413)
+
+
+def _check_sides(image: Image.Image) -> None:
+    width, height = image.size
+    for name, side in (("width", width), ("height", height)):
+        if side > MAX_SIDE:
+            raise InvalidInput(f"image {name} of {side} pixels ({width}x{height}) exceeds the limit "
+                               f"of {MAX_SIDE}; downscale it first", 413)
+
+
+def _check_declared_webp_size(data: bytes) -> None:
+    """The canvas size a WebP file declares, read from its first chunk before libwebp allocates it."""
+    if not (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or len(data) < 30:
+        return
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        width = 1 + int.from_bytes(data[24:27], "little")
+        height = 1 + int.from_bytes(data[27:30], "little")
+    elif chunk == b"VP8L":
+        bits = int.from_bytes(data[21:25], "little")
+        width, height = 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    elif chunk == b"VP8 ":
+        width = int.from_bytes(data[26:28], "little") & 0x3FFF
+        height = int.from_bytes(data[28:30], "little") & 0x3FFF
+    else:
+        return
+    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
+        raise InvalidInput(f"WebP image of {width}x{height} pixels exceeds the limits ({MAX_SIDE} "
+                           f"per side, {MAX_PIXELS} pixels); downscale it first", 413)
+
+
+def _scaled_to(width: int, height: int, side: int) -> tuple[int, int]:
+    scale = min(1.0, side / max(width, height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+# --- pixels -> grey, in strips ----------------------------------------------------------------
+
+def _to_gray_and_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """The loaded image -> (grey composited over black, alpha or None), long side <= WORK_SIDE.
+
+    Rows are converted a strip at a time and block-averaged at once, so that the extra memory
+    is a strip's, whatever the image's shape.
+    """
+    width, height = image.size
+    factor = max(1, -(-max(width, height) // WORK_SIDE))
+    rows_per_strip = factor * max(1, (1 << 18) // (factor * width))
+    grays, alphas = [], []
+    for top in range(0, height, rows_per_strip):
+        strip = image.crop((0, top, width, min(height, top + rows_per_strip)))
+        gray, alpha = _strip_to_gray(strip)
+        if alpha is not None:
+            gray = gray * (alpha / np.float32(255))  # premultiplied: averaging stays correct
+        grays.append(_block_mean(gray, factor))
+        alphas.append(None if alpha is None else _block_mean(alpha, factor))
+    gray = np.concatenate(grays)
+    alpha = None if alphas[0] is None else np.concatenate(alphas)
+    return gray, alpha
+
+
+def _strip_to_gray(strip: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows of any mode -> float32 luminance 0..255 (not yet premultiplied) and alpha or None."""
+    mode = strip.mode
+    if mode in SIXTEEN_BIT_MODES:
+        return np.asarray(strip, dtype=np.float32) * np.float32(255 / 65535), None
+    if mode == "I":
+        values = np.asarray(strip)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise InvalidInput(f"32-bit integer image holds values {values.min()}..{values.max()}; "
+                               "they must lie in 0..65535 (or send an 8-bit image)")
+        return values.astype(np.float32) * np.float32(255 / 65535), None
+    if mode == "F":
+        values = np.asarray(strip, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise InvalidInput("float image holds NaN or infinity; send finite values in 0..1 "
+                               "(or an 8-bit image)")
+        if values.size and (values.min() < 0 or values.max() > 1):
+            raise InvalidInput(f"float image holds values {values.min():g}..{values.max():g}; "
+                               "they must lie in 0..1 (or send an 8-bit image)")
+        return values * np.float32(255), None
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in strip.info:
+        luma_alpha = np.asarray(strip.convert("RGBA").convert("LA"), dtype=np.float32)
+        return luma_alpha[..., 0], luma_alpha[..., 1]
+    if mode != "L":
+        try:
+            strip = strip.convert("L")
+        except ValueError:
+            raise InvalidInput(f"images of mode {mode} are not supported; send an RGB or grey "
+                               "image") from None
+    return np.asarray(strip, dtype=np.float32), None
+
+
+def _block_mean(values: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor blocks; partial blocks at the edges average what they hold."""
+    if factor == 1:
+        return values
+    h, w = values.shape
+    rows, cols = -(-h // factor), -(-w // factor)
+    padded = np.zeros((rows * factor, cols * factor), np.float32)
+    padded[:h, :w] = values
+    counts = np.zeros_like(padded)
+    counts[:h, :w] = 1
+    sums = padded.reshape(rows, factor, cols, factor).sum(axis=(1, 3))
+    return sums / counts.reshape(rows, factor, cols, factor).sum(axis=(1, 3))
+
+
+# --- text and JSON ----------------------------------------------------------------------------
+
+def _unwrap_text(body: bytes) -> bytes:
+    """A data URL or base64 text -> the bytes it carries; image bytes pass through."""
+    head = body[:64].lstrip()
+    if head[:5].lower() == b"data:":
+        return _decode_data_url(body.strip().decode("ascii", "replace"))
+    if _looks_like_image(body) or not _BASE64_TEXT.fullmatch(body):
+        return body
+    try:
+        return _decode_base64(body.decode("ascii"), "the body")
+    except InvalidInput as error:
+        if error.status == 413:
+            raise
+        return body  # not base64 after all: decode() says what the body looks like
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return any(_accepts(name, data[:32]) for name in FORMATS)
+
+
+def _accepts(name: str, prefix: bytes) -> bool:
+    accept = Image.OPEN.get(name, (None, None))[1]
+    try:
+        return bool(accept and accept(prefix))
+    except Exception:  # a plugin's prefix check on a short or odd prefix
+        return False
+
+
+def _unaccepted_format_message(data: bytes) -> str:
+    seen = next((name for name in Image.OPEN if name not in FORMATS and _accepts(name, data[:32])), None)
+    stripped = data[:256].lstrip().lower()
+    if seen is None and stripped.startswith(b"%pdf"):
+        seen = "PDF"
+    elif seen is None and (stripped.startswith(b"<svg") or (stripped.startswith(b"<?xml") and b"<svg" in stripped)):
+        seen = "SVG"
+    if seen:
+        return (f"the body looks like {seen}, and {seen} images are not accepted; convert "
+                f"it to PNG (or JPEG, BMP, GIF, WebP, TIFF) and send that, or send {ACCEPTED}")
+    text = data[:64].decode("utf-8", "strict") if _is_text(data[:64]) else None
+    if text is not None:
+        return (f"got text that is not an image, JSON, a data URL or base64 of an image "
+                f"(it starts {_clip(text, 20)!r}); send {ACCEPTED}")
+    return f"body is not an image in an accepted format (it starts {data[:8].hex(' ')}); send {ACCEPTED}"
+
+
+def _is_text(data: bytes) -> bool:
+    try:
+        return data.decode("utf-8").isprintable()
+    except UnicodeDecodeError:
+        return False
+
+
 def _parse_json(data: bytes):
     if len(data) > MAX_BODY_BYTES:
         raise InvalidInput(f"JSON body of {len(data)} bytes exceeds the {MAX_BODY_BYTES}-byte limit", 413)
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidInput(f"malformed JSON ({error}); send {ACCEPTED}") from None
+    except RecursionError:
+        raise InvalidInput("JSON nested too deeply; send a flat JSON object: "
+                           f"{ACCEPTED}") from None
+    except (ValueError, TypeError) as error:  # JSONDecodeError, UnicodeDecodeError, digit limits
+        raise InvalidInput(f"malformed JSON ({_clip(str(error))}); send {ACCEPTED}") from None
 
 
 def _from_json_object(obj: dict, spec: InputSpec) -> np.ndarray:
     keys = {"image", "pixels"} & obj.keys()
     if len(keys) != 1:
+        shown = ", ".join(_clip(repr(k), 30) for k in sorted(map(str, obj))[:8])
+        more = f" and {len(obj) - 8} more" if len(obj) > 8 else ""
         raise InvalidInput("JSON must have exactly one of the keys \"image\" (base64 image bytes) "
-                           f"or \"pixels\" ({spec.height}x{spec.width} numbers); got keys {sorted(obj)}")
+                           f"or \"pixels\" ({spec.height}x{spec.width} numbers); got keys [{shown}]{more}")
     if "pixels" in keys:
         return pixels_to_array(obj["pixels"], spec)
     encoded = obj["image"]
     if not isinstance(encoded, str):
         raise InvalidInput("\"image\" must be a base64 string of the image file's bytes")
-    if encoded.startswith("data:") and "," in encoded:  # a data URL from a browser
-        encoded = encoded.split(",", 1)[1]
-    if len(encoded) > MAX_BODY_BYTES * 4 // 3 + 4:
-        raise InvalidInput(f"\"image\" exceeds the {MAX_BODY_BYTES}-byte limit once decoded", 413)
+    if encoded.lstrip()[:5].lower() == "data:":  # a data URL from a browser
+        return decode_image(_decode_data_url(encoded.strip()), spec)
+    return decode_image(_decode_base64(encoded, "\"image\""), spec)
+
+
+def _decode_data_url(url: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise InvalidInput("a data URL must be base64: data:image/png;base64,<base64 of the file>")
+    return _decode_base64(payload, "the data URL")
+
+
+def _decode_base64(text: str, what: str) -> bytes:
+    """Standard or URL-safe base64; whitespace and line breaks ignored, padding optional."""
+    if len(text) > MAX_BODY_BYTES * 4 // 3 + 4 + len(text) // 60 * 2:  # room for line breaks
+        raise InvalidInput(f"{what} exceeds the {MAX_BODY_BYTES}-byte limit once decoded", 413)
+    compact = "".join(text.split())
+    if "-" in compact or "_" in compact:
+        compact = compact.translate(str.maketrans("-_", "+/"))
+    compact += "=" * (-len(compact) % 4)
     try:
-        data = base64.b64decode(encoded, validate=True)
+        return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise InvalidInput(f"\"image\" is not valid base64 ({error})") from None
-    return decode_image(data, spec)
-
-
-def _to_gray(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> (H, W) float32 luminance in 0..255."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        return np.clip(np.asarray(image, dtype=np.float32) * np.float32(255.0 / 65535.0), 0, 255)
-    if image.mode == "F":
-        return np.clip(np.asarray(image, dtype=np.float32), 0, 255)
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(black, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float32)
-
-
-def _fit(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Pad to a square with black, then resize to (H, W); a no-op for images of the right size."""
-    h, w = gray.shape
-    if (h, w) == (spec.height, spec.width):
-        return gray
-    side = max(h, w)
-    square = np.zeros((side, side), dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    square[top:top + h, left:left + w] = gray
-    resized = Image.fromarray(square).resize((spec.width, spec.height),
-                                                      Image.Resampling.LANCZOS)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0, 255)
+        raise InvalidInput(f"{what} is not valid base64 ({error}); send the base64 text of the "
+                           "image file's bytes") from None
 
 
 def _describe_shape(value) -> str:
@@ -197,4 +428,14 @@ def _describe_shape(value) -> str:
     widths = sorted({len(r) if isinstance(r, list) else -1 for r in value})
     if widths == [-1]:
         return f"a flat list of {rows} values"
-    return f"{rows} rows of {'/'.join(str(w) if w >= 0 else 'non-list' for w in widths)} values"
+    shown = "/".join(str(w) if w >= 0 else "non-list" for w in widths[:5])
+    return f"{rows} rows of {shown}{'/...' if len(widths) > 5 else ''} values"
+
+
+def _number(value) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value) if abs(value) < 10 ** 12 else "a huge number"
+    return text
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -2,13 +2,18 @@
 
 Reads mean, std, input size and class names from the bundle.json beside the model, preprocesses
 with the same function as the TorchServe handler, batches the images of a directory, and prints
-one line per image (or, with --json, the handler's response format). An image that cannot be read
-is reported and the rest are still classified; the exit status is then 1.
+one line per image as each batch is done (with --json, one JSON object per line: {"path": ...,
+and the handler's response}). A file that cannot be used (missing, unreadable, not a regular
+file, over the 1 MiB limit, not an image) is reported on its line and the rest are still
+classified; the exit status is then 1. Control characters in file names are printed escaped,
+so that a name cannot forge output lines.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -19,31 +24,78 @@ from contract import responses
 from contract.bundle import BUNDLE_FILE, BundleError, load_bundle
 from contract.onnx_session import (ModelMismatch, ProviderUnavailable, check_model_matches_bundle,
                                    open_session)
-from contract.preprocessing import InputSpec, InvalidInput, preprocess
+from contract.preprocessing import MAX_BODY_BYTES, InputSpec, InvalidInput, preprocess
 
 
-def image_paths(arguments: list[str]) -> list[Path]:
-    paths = []
+def image_paths(arguments: list[str]):
+    """Each argument, or the files under it if it is a directory, in a stable order."""
     for argument in arguments:
         path = Path(argument)
-        paths.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
-    return paths
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
 
 
-def main(argv=None) -> None:
+def read_image_file(path: Path) -> bytes:
+    """The file's bytes, its size checked before it is read; InvalidInput or OSError otherwise."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidInput("not a regular file (a directory, device or pipe); pass image files")
+    if info.st_size > MAX_BODY_BYTES:
+        raise InvalidInput(f"file of {info.st_size} bytes exceeds the {MAX_BODY_BYTES}-byte limit; "
+                           "downscale the image first", 413)
+    with path.open("rb") as f:
+        data = f.read(MAX_BODY_BYTES + 1)  # the file may have grown since stat()
+    if len(data) > MAX_BODY_BYTES:
+        raise InvalidInput(f"file exceeds the {MAX_BODY_BYTES}-byte limit", 413)
+    return data
+
+
+def shown(path: Path) -> str:
+    """The path as text that fits on one line: bytes that are not UTF-8 as \\xNN, control
+    characters as \\n, \\x1b and so on."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m edge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files or directories of images")
     p.add_argument("--model", type=Path, default=Path("build/model.onnx"),
                    help="an .onnx or .ort model (model.int8.onnx and model.ort work too)")
     p.add_argument("--bundle", type=Path, default=None, help="default: bundle.json beside the model")
-    p.add_argument("--json", action="store_true", help="print {path: handler response} as JSON")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image and line")
     p.add_argument("--timing", action="store_true", help="report the time per image")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (onnxruntime-gpu)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def print_answer(path: Path, answer: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"path": str(path), **answer}, allow_nan=False), flush=True)
+    elif "error" in answer:
+        print(f"{shown(path)}: error: {answer['error']}", flush=True)
+    else:
+        print(f"{shown(path)}: {answer['class']} (label {answer['label']}, "
+              f"p={answer['probabilities'][answer['label']]:.4f})", flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_arguments(argv)
     if not args.model.is_file():
         raise SystemExit(f"[edge] no model at {args.model}: run `make export` (or pass --model)")
     try:
@@ -53,43 +105,44 @@ def main(argv=None) -> None:
     except (BundleError, ModelMismatch, ProviderUnavailable) as error:
         raise SystemExit(f"[edge] {error}")
     spec, classes = InputSpec.from_bundle(bundle), bundle["classes"]
-
-    results, failed, seconds = {}, 0, 0.0
-    paths = image_paths(args.images)
     if args.timing:  # the first run allocates and plans: keep it out of the figure
         session.run(None, {input_name: np.zeros((1, spec.channels, spec.height, spec.width), np.float32)})
-    for start in range(0, len(paths), args.batch_size):
-        arrays, batch_paths = [], []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                arrays.append(preprocess(path.read_bytes(), spec))
-                batch_paths.append(path)
-            except (InvalidInput, OSError) as error:
-                results[str(path)] = responses.error(str(error), getattr(error, "status", 400))
-                failed += 1
-        if not arrays:
-            continue
-        started = time.perf_counter()
-        log_probs = session.run(None, {input_name: np.concatenate(arrays)})[0]
-        seconds += time.perf_counter() - started
-        for path, row in zip(batch_paths, np.exp(log_probs)):
-            results[str(path)] = responses.prediction(row, classes)
 
-    results = {str(path): results[str(path)] for path in paths}  # in the order given
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for path, answer in results.items():
-            if "error" in answer:
-                print(f"{path}: error: {answer['error']}")
-            else:
-                print(f"{path}: {answer['class']} (label {answer['label']}, "
-                      f"p={answer['probabilities'][answer['label']]:.4f})")
-    classified = len(paths) - failed
+    total, failed, classified, seconds = 0, 0, 0, 0.0
+    batch: list[tuple[Path, np.ndarray | dict]] = []  # (path, input array or error answer)
+
+    def flush_batch() -> None:
+        nonlocal seconds, classified
+        arrays = [item for _, item in batch if isinstance(item, np.ndarray)]
+        probabilities = iter(())
+        if arrays:
+            started = time.perf_counter()
+            probabilities = iter(np.exp(session.run(None, {input_name: np.concatenate(arrays)})[0]))
+            seconds += time.perf_counter() - started
+            classified += len(arrays)
+        for path, item in batch:  # in the order given
+            answer = item if isinstance(item, dict) else responses.prediction(next(probabilities), classes)
+            print_answer(path, answer, args.json)
+        batch.clear()
+
+    for path in image_paths(args.images):
+        total += 1
+        try:
+            batch.append((path, preprocess(read_image_file(path), spec)))
+        except InvalidInput as error:
+            batch.append((path, error.to_response()))
+            failed += 1
+        except OSError as error:
+            batch.append((path, responses.error(f"cannot read the file: {error.strerror or error}", 400)))
+            failed += 1
+        if len(batch) >= args.batch_size:
+            flush_batch()
+    flush_batch()
+
     if args.timing and classified:
         print(f"[edge] {classified} images in {seconds * 1e3:.2f} ms of onnxruntime time: "
               f"{seconds * 1e6 / classified:.1f} us/image (batch {args.batch_size}, "
               f"{args.threads} thread(s), {session.get_providers()[0]})", file=sys.stderr)
     if failed:
-        print(f"[edge] {failed} of {len(paths)} images could not be read", file=sys.stderr)
+        print(f"[edge] {failed} of {total} images could not be read", file=sys.stderr)
         sys.exit(1)

@@ -40,20 +40,50 @@ def configure_tf32(allow: bool) -> None:
     torch.set_float32_matmul_precision("high" if allow else "highest")
 
 
-def request_body(row, content_type: str = ""):
-    """The payload of one request: the raw body, or the one field of a multipart upload.
+FILE_FIELDS = ("file", "image", "data")  # preferred multipart fields, in order
 
-    A urlencoded form (what curl -d and urllib send by default) is not an image: it yields None,
-    which the preprocessing answers with a hint about the Content-Type.
+
+def request_body(row, content_type: str = "", part_types: dict[str, str] | None = None):
+    """The payload of one request: the raw body, or the file field of a multipart upload.
+
+    TorchServe hands over one dict per request: query parameters and form fields by name, the
+    raw body as "body" (added last, so that a query parameter "?body=" cannot replace it), and
+    gRPC's input under the client's name ("data" by convention). `part_types` are the per-part content types: a multipart file upload
+    has one, plain fields and query parameters have none. A urlencoded form (curl -d, urllib's
+    default) cannot carry an image: InvalidInput says what to send instead.
     """
     if not isinstance(row, dict):
         return row
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        return None
-    for key in ("data", "body"):
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "application/x-www-form-urlencoded":
+        raise InvalidInput("a form post (curl -d, urllib's default) cannot carry an image: send the "
+                           "file's bytes with curl --data-binary @file -H 'Content-Type: "
+                           "application/octet-stream' (or curl -T file), or a multipart upload "
+                           "with a file field (curl -F file=@file)")
+    if media_type.startswith("multipart/"):
+        files = [name for name in row if (part_types or {}).get(name)]
+        candidates = [*(f for f in FILE_FIELDS if f in files), *files, *(f for f in FILE_FIELDS if f in row)]
+        if not candidates:
+            raise InvalidInput("send a multipart upload with a file field (curl -F file=@digit.png); "
+                               f"this one has only the fields {sorted(row)[:8]}")
+        return row[candidates[0]]
+    for key in ("body", "data"):
         if key in row:
             return row[key]
-    return next(iter(row.values())) if len(row) == 1 else None
+    if len(row) == 1:  # gRPC's input map, under whatever name the client chose
+        return next(iter(row.values()))
+    raise InvalidInput("the request has no body: send the image's bytes, or JSON")
+
+
+def request_headers(context, idx: int) -> tuple[dict[str, str], dict[str, str]]:
+    """(request headers with lower-case names, content type of each request part by name)."""
+    headers, part_types = {}, {}
+    for name, value in (context.get_all_request_header(idx) or {}).items():
+        if isinstance(value, dict):  # TorchServe files each part's content type under its name
+            part_types[name] = value.get("content-type") or ""
+        elif isinstance(value, str):
+            headers[name.lower()] = value
+    return headers, part_types
 
 
 class MnistHandler(BaseHandler):
@@ -100,9 +130,10 @@ class MnistHandler(BaseHandler):
     def preprocess(self, data):
         arrays, errors = [], []
         for idx, row in enumerate(data):
-            content_type = self.context.get_request_header(idx, "Content-Type") or ""
+            headers, part_types = request_headers(self.context, idx)
             try:
-                arrays.append(preprocess(request_body(row, content_type), self.spec))
+                body = request_body(row, headers.get("content-type", ""), part_types)
+                arrays.append(preprocess(body, self.spec))
                 errors.append(None)
             except InvalidInput as error:
                 errors.append(error)
@@ -128,10 +159,13 @@ class MnistHandler(BaseHandler):
             self.context.set_response_content_type(idx, "application/json")
             # how many requests shared this model call: lets clients see dynamic batching work
             self.context.set_response_header(idx, "X-Batch-Size", batch_size)
-            if error is not None:
-                self.context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
-                answers.append(responses.dumps(error.to_response()))
-                continue
-            answers.append(responses.dumps(responses.prediction(probabilities[valid], self.classes)))
-            valid += 1
+            if error is None:
+                row, valid = probabilities[valid], valid + 1
+                if np.isfinite(row).all():
+                    answers.append(responses.dumps(responses.prediction(row, self.classes)))
+                    continue
+                logger.error("the model answered NaN or infinity for a valid input")
+                error = InvalidInput("the model could not classify this image (a server fault)", 500)
+            self.context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
+            answers.append(responses.dumps(error.to_response()))
         return answers

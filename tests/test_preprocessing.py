@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import encode_image
-from contract.preprocessing import (MAX_BODY_BYTES, InputSpec, InvalidInput, decode_image,
-                                    preprocess)
+import time
+
+from tests import hostile
+from tests.conftest import encode_image, report
+from contract.preprocessing import (MAX_BODY_BYTES, WORK_SIDE, InputSpec, InvalidInput, decode,
+                                    decode_image, preprocess)
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.2860,), std=(0.3530,))
 
@@ -61,7 +64,7 @@ def test_transparency_is_composited_over_black():
     np.testing.assert_allclose(out, expected(gray), atol=1e-5)
 
 
-def test_any_size_is_padded_and_resized():
+def test_any_size_keeps_its_aspect_and_is_centred_on_black():
     big = np.kron(digit(), np.ones((10, 10), np.uint8))  # 280x280
     out = decode_image(encode_image(Image.fromarray(big), "PNG"), SPEC)
     assert out.shape == (1, 1, 28, 28)
@@ -82,18 +85,18 @@ def test_json_forms_match_the_image_bytes():
 
 
 def bomb() -> bytes:
-    return encode_image(Image.new("L", (20000, 20000)), "PNG")  # ~20 kB of PNG, 400 megapixels
+    return hostile.png_declaring(20000, 20000)  # 400 megapixels, read from the header alone
 
 
 @pytest.mark.parametrize("body, status, words", [
     (b"", 400, "empty body"),
-    (None, 400, "Content-Type"),
+    (None, 400, "got a JSON null"),
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 400, "not an image"),
     (bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)), 400, "not an image"),
     (b"x" * (MAX_BODY_BYTES + 1), 413, "limit"),
     (b'{"pixels": [[1, 2]', 400, "malformed JSON"),
     (b"[1, 2, 3]", 400, "JSON object"),
-    ("plain text", 400, "not JSON"),
+    ("plain text", 400, "got text that is not an image"),
     ({"pixels": [[0] * 28] * 27}, 400, "28 rows of 28"),
     ({"pixels": [0] * 784}, 400, "flat list"),
     ({"pixels": [[300] * 28] * 28}, 400, "0..255"),
@@ -138,7 +141,7 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert caught.value.status == 413
     # below Pillow's own bomb threshold, our pixel limit still refuses it
     with pytest.raises(InvalidInput, match="5000x5000 pixels exceeds the limit") as caught:
-        decode_image(encode_image(Image.new("L", (5000, 5000)), "PNG"), SPEC)
+        decode_image(hostile.png_declaring(5000, 5000), SPEC)
     assert caught.value.status == 413
 
 
@@ -148,3 +151,51 @@ def test_preprocessing_imports_neither_torch_nor_ts():
     code = ("import sys; import contract.preprocessing, contract.bundle, contract.responses; "
             "bad = {'torch', 'ts'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("case", hostile.bad_cases() + hostile.good_cases(), ids=lambda c: c.name)
+def test_odd_and_hostile_bodies_in_process(case):
+    """Each class of input: its status and message, within 100 MB of memory and 1 s of CPU."""
+    decode_image(hostile.png_of_size(64, 64), SPEC)  # allocators warm, plugins loaded
+    rss_before, cpu_before = hostile.reset_peak_memory(), time.process_time()
+    try:
+        out, status, message = preprocess(case.body, SPEC), 200, ""
+    except InvalidInput as error:
+        out, status, message = None, error.status, str(error)
+    cpu, peak = time.process_time() - cpu_before, hostile.peak_memory() - rss_before
+    assert status == case.status, message
+    if case.words:
+        assert case.words in message
+    else:
+        assert out.shape == (1, 1, 28, 28) and np.isfinite(out).all()
+    assert peak <= 100 * 10**6 and cpu <= 1.0, (peak, cpu)
+    if peak > 10 * 2**20 or cpu > 0.05:
+        report(f"preprocessing in-process, {case.name}: peak RSS +{peak / 2**20:.1f} MiB, CPU {cpu * 1e3:.0f} ms")
+
+
+def test_large_images_are_block_averaged():
+    rng = np.random.default_rng(2)
+    gray = rng.integers(0, 256, (1000, 1024), dtype=np.uint8)  # factor 2 down to WORK_SIDE
+    decoded = decode(encode_image(gray, "PNG"))
+    assert decoded.gray.shape == (500, 512) and decoded.alpha is None and decoded.format == "PNG"
+    np.testing.assert_allclose(decoded.gray, gray.reshape(500, 2, 512, 2).mean(axis=(1, 3)), atol=1e-4)
+
+
+def test_alpha_is_premultiplied_before_averaging():
+    """Opaque black and transparent white pixels, alternating: over black, all of it is black.
+    Averaging colour and alpha apart would make it grey (63.75)."""
+    rgba = np.zeros((2 * WORK_SIDE, 2 * WORK_SIDE, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[::2, ::2] = rgba[1::2, 1::2] = (255, 255, 255, 0)
+    decoded = decode(encode_image(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert decoded.gray.shape == (WORK_SIDE, WORK_SIDE)
+    np.testing.assert_allclose(decoded.gray, 0, atol=1e-4)
+    np.testing.assert_allclose(decoded.alpha, 127.5, atol=1e-4)
+
+
+def test_first_frame_only():
+    first, second = hostile.digit(), 255 - hostile.digit()
+    for fmt in ("GIF", "TIFF", "PNG", "WEBP"):
+        kw = {"lossless": True} if fmt == "WEBP" else {}
+        both = hostile.animated(fmt, [first, second], **kw)
+        np.testing.assert_array_equal(decode(both).gray, first.astype(np.float32), err_msg=fmt)

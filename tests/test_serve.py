@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import psutil
 import pytest
 import requests
+from urllib3 import encode_multipart_formdata
 
-from tests.conftest import encode_image, png_bytes
-
-
+from tests import hostile
+from tests.conftest import encode_image, png_bytes, report
 
 
 def worker_pid(server) -> int:
@@ -93,14 +97,14 @@ def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
     digit = np.zeros((28, 28), np.uint8)
     digit[5:23, 9:19] = 200
     png = encode_image(digit, "PNG")
-    bomb = encode_image(np.zeros((20000, 20000), np.uint8), "PNG")
+    bomb = hostile.png_declaring(20000, 20000)
     pixels = digit.tolist()
     return [
         ("empty body", b"", "application/octet-stream", 400, "empty"),
         ("truncated PNG", png[: len(png) // 2], "image/png", 400, "truncated"),
         ("random bytes", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "application/octet-stream", 400, "not an image"),
         ("decompression bomb", bomb, "image/png", 413, "decompression bomb"),
-        ("too many pixels", encode_image(np.zeros((5000, 5000), np.uint8), "PNG"), "image/png", 413, "exceeds the limit"),
+        ("too many pixels", hostile.png_declaring(5000, 5000), "image/png", 413, "exceeds the limit"),
         # refused by TorchServe's frontend (max_request_size) before the handler: no JSON body
         ("over 1 MiB", rng.integers(0, 256, 1_100_000, dtype=np.uint8).tobytes(), "application/octet-stream", 413, None),
         ("malformed JSON", b'{"pixels": [[1, 2', "application/json", 400, "malformed JSON"),
@@ -114,28 +118,42 @@ def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
         ("bad base64", b'{"image": "%%%"}', "application/json", 400, "base64"),
         ("base64 of garbage", json.dumps({"image": base64.b64encode(b"garbage").decode()}).encode(), "application/json", 400, "not an image"),
         ("unknown keys", b'{"img": "x"}', "application/json", 400, "exactly one"),
-        ("plain text", b"hello", "text/plain", 400, "not JSON"),
+        ("plain text", b"hello", "text/plain", 400, "got text that is not an image"),
         ("form post", b"a=b", "application/x-www-form-urlencoded", 400, "Content-Type"),
     ]
 
 
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as strict parsers (JavaScript's, Go's) do."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def worker_cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def test_bad_requests_get_4xx_and_never_hurt_the_worker_or_their_batch(server, test_pngs):
+    """Every class of odd and hostile input, concurrently and mixed with good requests."""
     pid = worker_pid(server)
     good = test_pngs[0][:48]
     expected_good = [server.predict(png, "image/png").json()["label"] for png in good]
-    cases = bad_requests()
-    jobs = [("bad", case) for case in cases] + [("good", (i, png)) for i, png in enumerate(good)]
+    cases = [hostile.Case(*case) for case in bad_requests()] + hostile.bad_cases() + hostile.good_cases()
+    jobs = [("case", case) for case in cases] + [("good", (i, png)) for i, png in enumerate(good)]
     np.random.default_rng(0).shuffle(jobs)
 
     def send(job):
         kind, payload = job
-        if kind == "bad":
-            name, body, content_type, status, words = payload
-            return kind, payload, server.predict(body, content_type)
+        if kind == "case":
+            return kind, payload, server.predict(payload.body, payload.content_type)
         return kind, payload, server.predict(payload[1], "image/png")
 
+    rss_before = hostile.reset_peak_memory(pid)
     with ThreadPoolExecutor(12) as pool:  # concurrent, so bad and good share batches
         results = list(pool.map(send, jobs))
+    peak = hostile.peak_memory(pid) - rss_before
     shared = 0
     for kind, payload, response in results:
         if kind == "good":
@@ -143,13 +161,132 @@ def test_bad_requests_get_4xx_and_never_hurt_the_worker_or_their_batch(server, t
             assert response.json()["label"] == expected_good[payload[0]]
             shared += int(response.headers["X-Batch-Size"]) > 1
             continue
-        name, body, content_type, status, words = payload
-        assert response.status_code == status, f"{name}: {response.status_code} {response.text}"
-        if words is None:
-            continue
-        error = response.json()
-        assert "error" in error or "message" in error, f"{name}: {error}"
-        assert words in json.dumps(error), f"{name}: {error}"
+        case = payload
+        assert response.status_code == case.status, f"{case.name}: {response.status_code} {response.text}"
+        if case.status == 200:
+            assert set(strict_json(response.text)) == {"label", "class", "probabilities"}, case.name
+        elif case.words is not None:
+            error = strict_json(response.text)
+            assert error == {"error": error["error"], "status": case.status}, f"{case.name}: {error}"
+            assert case.words in error["error"], f"{case.name}: {error}"
+    report(f"{len(cases)} odd and hostile requests mixed with {len(good)} good ones (12 clients): "
+           f"worker peak RSS +{peak / 2**20:.1f} MiB over {rss_before / 2**20:.0f} MiB, pid unchanged")
     assert shared > 0, "no good request shared a batch: the test did not exercise batching"
     assert worker_pid(server) == pid, "a bad request restarted the worker"
+    assert peak <= MEMORY_BOUND, f"the worker grew by {peak / 2**20:.1f} MiB"
     assert server.predict(good[0], "image/png").status_code == 200
+
+
+MEMORY_BOUND = 100 * 10**6  # extra worker memory one request may cost (bytes)
+CPU_BOUND = 1.0  # worker CPU seconds one request may cost
+
+
+def test_each_hostile_request_costs_the_worker_little(server):
+    """One at a time, so that the worker's peak RSS and CPU time belong to that request alone."""
+    pid = worker_pid(server)
+    costs = []
+    for case in hostile.bad_cases() + hostile.good_cases():
+        rss_before, cpu_before = hostile.reset_peak_memory(pid), worker_cpu_seconds(pid)
+        response = server.predict(case.body, case.content_type)
+        cpu, peak = worker_cpu_seconds(pid) - cpu_before, hostile.peak_memory(pid) - rss_before
+        assert response.status_code == case.status, f"{case.name}: {response.status_code} {response.text}"
+        costs.append((peak, cpu, case.name))
+    worst_memory, worst_cpu = max(costs), max(costs, key=lambda c: c[1])
+    report(f"worker cost per hostile request ({len(costs)} kinds, one at a time): peak RSS at most "
+           f"+{worst_memory[0] / 2**20:.1f} MiB ({worst_memory[2]}), CPU at most {worst_cpu[1]:.2f} s "
+           f"({worst_cpu[2]})")
+    for peak, cpu, name in costs:
+        assert peak <= MEMORY_BOUND, f"{name}: the worker grew by {peak / 2**20:.1f} MiB"
+        assert cpu <= CPU_BOUND, f"{name}: {cpu:.2f} s of worker CPU"
+    assert worker_pid(server) == pid
+
+
+def post(server, body: bytes, headers: dict, params=None) -> requests.Response:
+    """A POST with exactly these headers (names as given) and the inference key."""
+    headers = {**headers, "Authorization": f"Bearer {server.key('inference')}"}
+    return requests.post(f"{server.inference_url}/predictions/mnist", data=body, headers=headers,
+                         params=params, timeout=30)
+
+
+def test_lenient_where_users_are(server, test_pngs):
+    png, other = test_pngs[0][0], test_pngs[0][1]
+    reference = server.predict(png, "image/png").json()
+    garbage = "not an image"
+    # a multipart upload with a text field and the file under an unusual name, header names in
+    # odd case: the file field is used
+    body, content_type = encode_multipart_formdata({"note": "my digit", "upload": ("d.png", png, "image/png")})
+    answers = [post(server, body, {"cOnTeNt-TyPe": content_type})]
+    # query parameters named like the body's keys never replace the body
+    answers.append(post(server, png, {"content-type": "image/png"}, {"body": garbage, "data": garbage, "file": garbage}))
+    body, content_type = encode_multipart_formdata({"data": garbage, "file": ("d.png", png, "image/png")})
+    answers.append(post(server, body, {"CONTENT-TYPE": content_type}, {"image": garbage}))
+    for response in answers:
+        assert response.status_code == 200, response.text
+        assert strict_json(response.text)["probabilities"] == reference["probabilities"]
+    # the multipart rule picks the file, not the first field
+    body, content_type = encode_multipart_formdata({"file": ("a.png", other, "image/png"), "note": "x"})
+    assert post(server, body, {"Content-Type": content_type}).json()["label"] == \
+        server.predict(other, "image/png").json()["label"]
+    body, content_type = encode_multipart_formdata({"note": "no file here"})
+    response = post(server, body, {"Content-Type": content_type})
+    assert response.status_code == 400 and "multipart upload with a file field" in response.json()["error"]
+
+
+def curl_form_post(server, path) -> tuple[int, str]:
+    """`curl -d @file`, the commonest curl mistake, exactly as a user types it."""
+    result = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {server.key('inference')}",
+                             "-d", f"@{path}", f"{server.inference_url}/predictions/mnist"],
+                            capture_output=True, text=True, timeout=30, check=True)
+    text, _, status = result.stdout.rpartition("\n")
+    return int(status), text
+
+
+def netty_refuses_form(data: bytes) -> bool:
+    """Whether Netty's form decoder meets a bad %-escape: in every name=value pair it decodes,
+    that is everything but a last '&'-separated part without '=' (seen on TorchServe 0.12.0)."""
+    bad_escape = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+    head, _, tail = data.rpartition(b"&")
+    return bool(bad_escape.search(head)) or (b"=" in tail and bool(bad_escape.search(tail)))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_form_post_of_a_binary_file(server, test_pngs, tmp_path):
+    """TorchServe's frontend parses a form post before the handler sees it (Netty's
+    HttpPostRequestDecoder): a bad %-escape makes it answer 500 ErrorDataDecoderException
+    itself; any other file reaches the handler, which answers 400 with what to send instead."""
+    as_curl_sends = [p.replace(b"\r", b"").replace(b"\n", b"") for p in test_pngs[0]]  # curl -d drops them
+    refused = next(i for i, p in enumerate(as_curl_sends) if netty_refuses_form(p))
+    passed = next(i for i, p in enumerate(as_curl_sends) if b"%" not in p)
+    (tmp_path / "refused.png").write_bytes(test_pngs[0][refused])
+    (tmp_path / "passed.png").write_bytes(test_pngs[0][passed])
+    pid = worker_pid(server)
+
+    status, text = curl_form_post(server, tmp_path / "passed.png")
+    assert status == 400, text
+    error = strict_json(text)["error"]
+    assert "--data-binary" in error and "curl -T" in error
+
+    status, text = curl_form_post(server, tmp_path / "refused.png")
+    assert status == 500 and strict_json(text)["type"] == "ErrorDataDecoderException", text
+    share = sum(map(netty_refuses_form, as_curl_sends)) / len(as_curl_sends)
+    report(f"curl -d @file of the test set's 28x28 PNGs: {100 * share:.0f}% answered 500 by "
+           "TorchServe's frontend (a bad %-escape), the rest 400 by the handler")
+    assert worker_pid(server) == pid
+
+
+def test_request_body_rules():
+    """How the handler picks the payload out of what TorchServe hands over (no server needed)."""
+    from contract.preprocessing import InvalidInput
+    from handlers.mnist_handler import request_body
+    multipart = "multipart/form-data; boundary=x"
+    assert request_body(b"raw") == b"raw"
+    assert request_body({"body": b"png", "data": b"query"}, "image/png", {"body": "image/png", "data": ""}) == b"png"
+    assert request_body({"note": b"n", "upload": b"png"}, multipart, {"note": "", "upload": "image/png"}) == b"png"
+    assert request_body({"upload": b"a", "file": b"b"}, multipart, {"upload": "image/png", "file": "image/png"}) == b"b"
+    assert request_body({"image": b"base64"}, multipart, {"image": ""}) == b"base64"  # a text field named image
+    assert request_body({"any_name": b"grpc"}) == b"grpc"
+    for row, content_type, words in [({"a": b"b"}, "Application/X-WWW-Form-URLEncoded; charset=utf-8", "--data-binary"),
+                                     ({"note": b"n"}, multipart, "file field"),
+                                     ({"x": b"1", "y": b"2"}, "", "no body")]:
+        with pytest.raises(InvalidInput, match=words):
+            request_body(row, content_type, {})
