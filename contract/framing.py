@@ -16,9 +16,8 @@ applied (`upright`). Steps, in order:
    whatever the stroke colour. Fully transparent (sum(A) == 0): nothing to frame.
 2. Background polarity. The border ring is the outermost row and column on each side (every
    pixel with row 0 or H-1 or column 0 or W-1, each counted once; the whole image when H or W
-   is 2 or less). If the median of the ring
-   (the mean of the two middle values for an even count) is above 127.5 the background is light:
-   L = 255 - L.
+   is 2 or less). If the median of the ring (the mean of the two middle values for an even
+   count) is above recipe["polarity_threshold"] (127.5) the background is light: L = 255 - L.
 3. Background level, a plane from the four sides' medians: mt, mb, ml, mr = medians of the top
    row, bottom row, left column, right column (full rows and columns); m0 = median of the ring;
    B(y, x) = m0 + (x - (W-1)/2) * (mr - ml) / max(W-1, 1) + (y - (H-1)/2) * (mb - mt) / max(H-1, 1).
@@ -33,7 +32,7 @@ applied (`upright`). Steps, in order:
    scaled for antialiasing, per axis from n_in to n_out: scale = n_in / n_out,
    support = max(scale, 1); output i takes input j with weight max(0, 1 - |t|),
    t = (j + 0.5 - (i + 0.5) * scale) / support, the weights of each output normalized to sum 1.
-   (Pillow's BILINEAR filter, in float64 and without its 8-bit rounding.) out = Wy @ crop @ Wx^T.
+   (The weights of Pillow's BILINEAR resize, in float64, no 8-bit rounding.) out = Wy @ crop @ Wx^T.
 7. Place the h x w result in a canvas x canvas array of zeros (recipe["canvas"], 28):
    "mass": the centre of mass (cy = sum(v * (row + 0.5)) / sum(v), likewise cx) lands nearest
    the canvas centre: top = floor(canvas / 2 - cy + 0.5), left likewise, each clamped to
