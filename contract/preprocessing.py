@@ -5,15 +5,22 @@ and the tests all run the same code. Accepted bodies:
 
 - image bytes in one of FORMATS (PNG, JPEG, BMP, GIF, WebP, TIFF); any mode (1, L, P, RGB, RGBA,
   LA, CMYK, 16-bit, 32-bit integer, float). Colour becomes luminance (ITU-R 601-2, Pillow's "L");
-  transparency is composited over black (the background of MNIST-style images); 16-bit and
-  32-bit integer values 0..65535 are scaled to 0..255, float values 0..1 to 0..255. Of an
-  animated GIF, WebP or PNG, or a multi-page TIFF, only the first frame is read. The image is
-  scaled, keeping its aspect, until its long side is H (or W), and centred on black;
+  16-bit and 32-bit integer values 0..65535 are scaled to 0..255, float values 0..1 to 0..255.
+  Of an animated GIF, WebP or PNG, or a multi-page TIFF, only the first frame is read. The EXIF
+  orientation is applied. Then, when bundle.json records a framing recipe, the image is framed
+  the way the data set was made (contract/framing.py: background polarity, ink from alpha for
+  transparent drawings, the object scaled into the recipe's box and centred); an image already in
+  the data set's form passes through unchanged. Unframed (framing off, no recipe, nothing found to
+  frame), transparency is composited over black (the background of MNIST-style images) and the
+  image is scaled, keeping its aspect, until its long side is H (or W), and centred on black;
 - the same bytes as base64 text or a data URL ("data:image/png;base64,..."), line breaks and
   spaces allowed (what `base64 file.png` prints);
 - JSON {"image": "<base64 or data URL of image bytes>"};
 - JSON {"pixels": [[H rows of W numbers in 0..255]]}: a light object on a dark background, as in
   MNIST.
+
+A request chooses framing "auto" (the default), "on" or "off" (the `framing` argument, or a
+"framing" key in a JSON body); `preprocess_framed` also returns what was done.
 
 Cost per request is bounded by the limits below, checked before any pixel is decoded: the width
 and the height each, the pixel count, the number of JPEG scans. Pixels are then turned into grey
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from contract import framing as framing_steps
 from contract import responses
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 28x28 digit is < 1 kB; config.properties matches it
@@ -73,12 +81,14 @@ class InputSpec:
     width: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    framing: dict | None = None  # bundle.json's framing recipe; None: images are only fitted
 
     @classmethod
     def from_bundle(cls, bundle: dict) -> "InputSpec":
         spec = bundle["input"]
         return cls(int(spec["channels"]), int(spec["height"]), int(spec["width"]),
-                   tuple(float(m) for m in spec["mean"]), tuple(float(s) for s in spec["std"]))
+                   tuple(float(m) for m in spec["mean"]), tuple(float(s) for s in spec["std"]),
+                   spec.get("framing"))
 
 
 @dataclass(frozen=True)
@@ -88,32 +98,69 @@ class DecodedImage:
     gray:  (h, w) float32 luminance 0..255, transparent parts composited over black;
     alpha: (h, w) float32 opacity 0..255, or None for an opaque image.
     The long side is at most WORK_SIDE (larger images are block-averaged, premultiplied by alpha).
+    Both are upright: the EXIF orientation (reported in `orientation`, 1 when none) is applied.
     """
     gray: np.ndarray
     alpha: np.ndarray | None
     format: str
+    orientation: int = 1
+
+    def luminance_and_opacity(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(luminance 0..255 before compositing, opacity 0..1 or None), as framing wants them."""
+        if self.alpha is None:
+            return self.gray, None
+        opaque = np.maximum(self.alpha, np.float32(1e-6))
+        luma = np.where(self.alpha > 0, self.gray * np.float32(255) / opaque, 0)
+        return np.clip(luma, 0, 255), self.alpha / np.float32(255)
 
 
-def preprocess(body, spec: InputSpec) -> np.ndarray:
+def preprocess(body, spec: InputSpec, framing: str | None = None) -> np.ndarray:
     """Any accepted request body (bytes, str, or JSON already decoded by TorchServe) -> (1,C,H,W)."""
+    return preprocess_framed(body, spec, framing)[0]
+
+
+def preprocess_framed(body, spec: InputSpec, framing: str | None = None) -> tuple[np.ndarray, dict]:
+    """preprocess(), and what framing did ({"mode", "applied", ...}: contract/framing.py)."""
     if isinstance(body, (bytes, bytearray, memoryview)):
         body = bytes(body)
         if body.lstrip()[:1] in (b"{", b"["):  # JSON, whatever its Content-Type said
-            return preprocess(_parse_json(body), spec)
-        return decode_image(_unwrap_text(body), spec)
+            return preprocess_framed(_parse_json(body), spec, framing)
+        return _decode_framed(_unwrap_text(body), spec, framing)
     if isinstance(body, str):
         if body.lstrip()[:1] in ("{", "["):
-            return preprocess(_parse_json(body.encode("utf-8", "surrogatepass")), spec)
-        return decode_image(_unwrap_text(body.encode("utf-8", "surrogatepass")), spec)
+            return preprocess_framed(_parse_json(body.encode("utf-8", "surrogatepass")), spec, framing)
+        return _decode_framed(_unwrap_text(body.encode("utf-8", "surrogatepass")), spec, framing)
     if isinstance(body, dict):
-        return _from_json_object(body, spec)
+        return _from_json_object(body, spec, framing)
     kind = "null" if body is None else type(body).__name__
     raise InvalidInput(f"expected a JSON object, got a JSON {kind}; send {ACCEPTED}")
 
 
-def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
+def decode_image(data: bytes, spec: InputSpec, framing: str | None = None) -> np.ndarray:
     """Image file bytes -> (1, C, H, W) float32, normalized with the spec's mean and std."""
-    return normalize(fit(decode(data).gray, spec), spec)
+    return _decode_framed(data, spec, framing)[0]
+
+
+def _decode_framed(data: bytes, spec: InputSpec, framing: str | None) -> tuple[np.ndarray, dict]:
+    image = decode(data)
+    array, report = _frame(image.gray, image.luminance_and_opacity(), spec, framing)
+    if image.orientation != 1:
+        report["exif_orientation"] = image.orientation
+    return array, report
+
+
+def _frame(gray: np.ndarray, luma_alpha, spec: InputSpec, mode) -> tuple[np.ndarray, dict]:
+    """Frame as bundle.json's recipe says, or fit as before framing existed."""
+    try:
+        mode = framing_steps.check_mode(mode)
+    except framing_steps.FramingError as error:
+        raise InvalidInput(str(error)) from None
+    if spec.framing is None:
+        return normalize(fit(gray, spec), spec), {"mode": mode, "applied": False,
+                                                  "reason": "bundle.json has no framing recipe"}
+    luma, alpha = luma_alpha if luma_alpha is not None else (gray, None)
+    framed, report = framing_steps.frame(luma, alpha, spec.framing, mode)
+    return normalize(fit(gray, spec) if framed is None else framed, spec), report
 
 
 def decode(data: bytes) -> DecodedImage:
@@ -133,7 +180,10 @@ def decode(data: bytes) -> DecodedImage:
                 image.load()
                 _check_size(image)  # a decoder may change its mind about the size
                 gray, alpha = _to_gray_and_alpha(image)
-                return DecodedImage(gray, alpha, image.format)
+                orientation = _exif_orientation(image)
+                return DecodedImage(_upright(gray, orientation),
+                                    None if alpha is None else _upright(alpha, orientation),
+                                    image.format, orientation)
     except InvalidInput:
         raise
     except Image.UnidentifiedImageError:
@@ -162,8 +212,12 @@ def fit(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.clip(canvas, 0, 255)
 
 
-def pixels_to_array(pixels, spec: InputSpec) -> np.ndarray:
+def pixels_to_array(pixels, spec: InputSpec, framing: str | None = None) -> np.ndarray:
     """JSON pixel rows (0..255, light object on dark background) -> (1, C, H, W) float32."""
+    return _pixels_framed(pixels, spec, framing)[0]
+
+
+def _pixels_framed(pixels, spec: InputSpec, framing: str | None) -> tuple[np.ndarray, dict]:
     shape = f"{spec.height} rows of {spec.width} numbers"
     if not (isinstance(pixels, list) and len(pixels) == spec.height
             and all(isinstance(row, list) and len(row) == spec.width for row in pixels)):
@@ -177,7 +231,7 @@ def pixels_to_array(pixels, spec: InputSpec) -> np.ndarray:
     if not all(0 <= v <= 255 for v in values):
         low, high = min(values), max(values)
         raise InvalidInput(f"\"pixels\" values must lie in 0..255, got {_number(low)}..{_number(high)}")
-    return normalize(np.asarray(pixels, dtype=np.float32), spec)
+    return _frame(np.asarray(pixels, dtype=np.float32), None, spec, framing)
 
 
 def normalize(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -317,6 +371,27 @@ def _block_mean(values: np.ndarray, factor: int) -> np.ndarray:
     return sums / counts.reshape(rows, factor, cols, factor).sum(axis=(1, 3))
 
 
+# EXIF orientation -> the numpy operation that shows the image upright (PIL's exif_transpose)
+_UPRIGHT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+            5: lambda a: a.T, 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].T,
+            8: lambda a: np.rot90(a, 1)}
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8), 1 when absent or unreadable."""
+    try:
+        orientation = int(image.getexif().get(0x0112, 1))
+    except Exception:  # a malformed EXIF block is no reason to refuse the pixels
+        return 1
+    return orientation if orientation in _UPRIGHT else 1
+
+
+def _upright(values: np.ndarray, orientation: int) -> np.ndarray:
+    """Turned on the reduced arrays, not the decoded image: memory stays bounded."""
+    turn = _UPRIGHT.get(orientation)
+    return values if turn is None else np.ascontiguousarray(turn(values))
+
+
 # --- text and JSON ----------------------------------------------------------------------------
 
 def _unwrap_text(body: bytes) -> bytes:
@@ -382,7 +457,8 @@ def _parse_json(data: bytes):
         raise InvalidInput(f"malformed JSON ({_clip(str(error))}); send {ACCEPTED}") from None
 
 
-def _from_json_object(obj: dict, spec: InputSpec) -> np.ndarray:
+def _from_json_object(obj: dict, spec: InputSpec, framing: str | None = None) -> tuple[np.ndarray, dict]:
+    framing = obj.get("framing", framing)  # the body's own choice wins over a header's
     keys = {"image", "pixels"} & obj.keys()
     if len(keys) != 1:
         shown = ", ".join(_clip(repr(k), 30) for k in sorted(map(str, obj))[:8])
@@ -390,13 +466,13 @@ def _from_json_object(obj: dict, spec: InputSpec) -> np.ndarray:
         raise InvalidInput("JSON must have exactly one of the keys \"image\" (base64 image bytes) "
                            f"or \"pixels\" ({spec.height}x{spec.width} numbers); got keys [{shown}]{more}")
     if "pixels" in keys:
-        return pixels_to_array(obj["pixels"], spec)
+        return _pixels_framed(obj["pixels"], spec, framing)
     encoded = obj["image"]
     if not isinstance(encoded, str):
         raise InvalidInput("\"image\" must be a base64 string of the image file's bytes")
     if encoded.lstrip()[:5].lower() == "data:":  # a data URL from a browser
-        return decode_image(_decode_data_url(encoded.strip()), spec)
-    return decode_image(_decode_base64(encoded, "\"image\""), spec)
+        return _decode_framed(_decode_data_url(encoded.strip()), spec, framing)
+    return _decode_framed(_decode_base64(encoded, "\"image\""), spec, framing)
 
 
 def _decode_data_url(url: str) -> bytes:

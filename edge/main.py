@@ -24,7 +24,8 @@ from contract import responses
 from contract.bundle import BUNDLE_FILE, BundleError, load_bundle
 from contract.onnx_session import (ModelMismatch, ProviderUnavailable, check_model_matches_bundle,
                                    open_session)
-from contract.preprocessing import MAX_BODY_BYTES, InputSpec, InvalidInput, preprocess
+from contract.framing import MODES
+from contract.preprocessing import MAX_BODY_BYTES, InputSpec, InvalidInput, preprocess_framed
 
 
 def image_paths(arguments: list[str]):
@@ -81,6 +82,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (onnxruntime-gpu)")
+    p.add_argument("--framing", choices=MODES, default="auto",
+                   help="frame photos and drawings the way the data set was made (bundle.json's "
+                        "recipe): auto (unless already in the data set's form), on, off")
     return p.parse_args(argv)
 
 
@@ -90,8 +94,9 @@ def print_answer(path: Path, answer: dict, as_json: bool) -> None:
     elif "error" in answer:
         print(f"{shown(path)}: error: {answer['error']}", flush=True)
     else:
+        framed = " framed" if answer.get("framing", {}).get("applied") else ""
         print(f"{shown(path)}: {answer['class']} (label {answer['label']}, "
-              f"p={answer['probabilities'][answer['label']]:.4f})", flush=True)
+              f"p={answer['probabilities'][answer['label']]:.4f}){framed}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -109,11 +114,11 @@ def main(argv=None) -> None:
         session.run(None, {input_name: np.zeros((1, spec.channels, spec.height, spec.width), np.float32)})
 
     total, failed, classified, seconds = 0, 0, 0, 0.0
-    batch: list[tuple[Path, np.ndarray | dict]] = []  # (path, input array or error answer)
+    batch: list[tuple[Path, tuple | dict]] = []  # (path, (input array, framing) or error answer)
 
     def flush_batch() -> None:
         nonlocal seconds, classified
-        arrays = [item for _, item in batch if isinstance(item, np.ndarray)]
+        arrays = [item[0] for _, item in batch if isinstance(item, tuple)]
         probabilities = iter(())
         if arrays:
             started = time.perf_counter()
@@ -121,14 +126,14 @@ def main(argv=None) -> None:
             seconds += time.perf_counter() - started
             classified += len(arrays)
         for path, item in batch:  # in the order given
-            answer = item if isinstance(item, dict) else responses.prediction(next(probabilities), classes)
+            answer = item if isinstance(item, dict) else responses.prediction(next(probabilities), classes, item[1])
             print_answer(path, answer, args.json)
         batch.clear()
 
     for path in image_paths(args.images):
         total += 1
         try:
-            batch.append((path, preprocess(read_image_file(path), spec)))
+            batch.append((path, preprocess_framed(read_image_file(path), spec, args.framing)))
         except InvalidInput as error:
             batch.append((path, error.to_response()))
             failed += 1

@@ -23,7 +23,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from contract import responses
 from contract.bundle import BUNDLE_FILE, BundleError, load_bundle, verify_file
-from contract.preprocessing import InputSpec, InvalidInput, preprocess
+from contract.preprocessing import InputSpec, InvalidInput, preprocess_framed
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ def configure_tf32(allow: bool) -> None:
 
 
 FILE_FIELDS = ("file", "image", "data")  # preferred multipart fields, in order
+
+# A request's framing choice, auto | on | off (a JSON body's "framing" key wins). A header, not a
+# query parameter: TorchServe 0.12.0 does not hand ?framing=... to the handler (seen here).
+FRAMING_HEADER = "x-framing"
 
 
 def request_body(row, content_type: str = "", part_types: dict[str, str] | None = None):
@@ -88,8 +92,9 @@ def request_headers(context, idx: int) -> tuple[dict[str, str], dict[str, str]]:
 
 class MnistHandler(BaseHandler):
     # TorchServe takes the handler module's only class as the entry point: batches travel
-    # between the steps as (images, errors) tuples. images: (n_valid, C, H, W) on the model's
-    # device, or None; errors: one slot per request, None where the request is valid.
+    # between the steps as (images, errors, framings) tuples. images: (n_valid, C, H, W) on the
+    # model's device, or None; errors: one slot per request, None where the request is valid;
+    # framings: one slot per request, what framing did (None for an error).
 
     def initialize(self, context):
         properties = context.system_properties
@@ -128,31 +133,35 @@ class MnistHandler(BaseHandler):
         return self.postprocess(self.inference(self.preprocess(data)))
 
     def preprocess(self, data):
-        arrays, errors = [], []
+        arrays, errors, framings = [], [], []
         for idx, row in enumerate(data):
             headers, part_types = request_headers(self.context, idx)
             try:
                 body = request_body(row, headers.get("content-type", ""), part_types)
-                arrays.append(preprocess(body, self.spec))
+                array, framed = preprocess_framed(body, self.spec, headers.get(FRAMING_HEADER))
+                arrays.append(array)
                 errors.append(None)
+                framings.append(framed)
             except InvalidInput as error:
                 errors.append(error)
+                framings.append(None)
             except Exception:  # a decoder bug must not fail the other requests of the batch
                 logger.exception("unexpected error while decoding a request")
                 errors.append(InvalidInput("the server could not decode this request", 500))
+                framings.append(None)
         images = torch.from_numpy(np.concatenate(arrays)).to(self.device) if arrays else None
-        return images, errors
+        return images, errors, framings
 
     def inference(self, batch):
-        images, errors = batch
+        images, errors, framings = batch
         if images is None:
-            return None, errors
+            return None, errors, framings
         with torch.inference_mode():
             probabilities = self.model(images).exp().cpu().numpy()
-        return probabilities, errors
+        return probabilities, errors, framings
 
     def postprocess(self, result) -> list[str]:
-        probabilities, errors = result
+        probabilities, errors, framings = result
         answers, valid = [], 0
         batch_size = str(len(errors))
         for idx, error in enumerate(errors):
@@ -162,7 +171,7 @@ class MnistHandler(BaseHandler):
             if error is None:
                 row, valid = probabilities[valid], valid + 1
                 if np.isfinite(row).all():
-                    answers.append(responses.dumps(responses.prediction(row, self.classes)))
+                    answers.append(responses.dumps(responses.prediction(row, self.classes, framings[idx])))
                     continue
                 logger.error("the model answered NaN or infinity for a valid input")
                 error = InvalidInput("the model could not classify this image (a server fault)", 500)
