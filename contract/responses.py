@@ -1,6 +1,8 @@
 """The JSON that every runtime answers, built once.
 
 A prediction: {"label": int, "class": str, "probabilities": [floats in class order]}.
+An explanation: a prediction plus "attributions" (H rows of W floats, one per input pixel)
+              and "explanation" (the method, its baseline and steps, and the outputs it explains).
 An error:     {"error": "what was wrong and what to send", "status": HTTP status}.
 Bodies are strict JSON: NaN or infinity would be refused (ValueError) rather than written.
 """
@@ -16,6 +18,14 @@ def prediction(probabilities: np.ndarray, classes: list[str]) -> dict:
     label = int(np.argmax(probabilities))
     # float32 -> Python float is exact, and json writes the shortest round-trip repr
     return {"label": label, "class": classes[label], "probabilities": [float(p) for p in probabilities]}
+
+
+def explanation(probabilities: np.ndarray, classes: list[str], attributions: np.ndarray, method: dict) -> dict:
+    """A prediction with an (H, W) attribution map for its label, and how it was computed."""
+    answer = prediction(probabilities, classes)
+    answer["attributions"] = [[float(v) for v in row] for row in np.asarray(attributions, np.float32)]
+    answer["explanation"] = method
+    return answer
 
 
 def error(message: str, status: int) -> dict:

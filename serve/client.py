@@ -101,14 +101,14 @@ class Server:
 
     def predict(self, body: bytes, content_type: str = "application/octet-stream",
                 model: str = MODEL_NAME, session: requests.Session | None = None,
-                timeout: float = 30) -> requests.Response:
+                timeout: float = 30, api: str = "predictions") -> requests.Response:
         """POST one request with the inference key, renewing the key once if it expired.
 
         The content type matters: a form type (urllib's and curl's default for POST data) makes
         TorchServe parse the body as a form.
         """
         post = (session or requests).post
-        url = f"{self.inference_url}/predictions/{model}"
+        url = f"{self.inference_url}/{api}/{model}"
         for attempt in range(2):
             headers = {"Authorization": f"Bearer {self.key('inference')}", "Content-Type": content_type}
             response = post(url, data=body, headers=headers, timeout=timeout)
@@ -117,6 +117,10 @@ class Server:
                 continue
             return response
         return response
+
+    def explain(self, body: bytes, content_type: str = "application/octet-stream", **kwargs) -> requests.Response:
+        """POST to /explanations: the prediction plus an attribution map for its label."""
+        return self.predict(body, content_type, api="explanations", **kwargs)
 
 
 def content_type_of(path: Path | str) -> str:
