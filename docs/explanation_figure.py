@@ -12,6 +12,7 @@ import argparse
 import io
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,17 @@ def server_explanations(model_store: Path, pngs: list[bytes]) -> list[dict]:
         with TorchServeProcess(model_store, Path(workdir)) as server:
             answers = []
             for png in pngs:
+                started = time.perf_counter()
                 response = server.explain(png, "image/png", timeout=120)
+                seconds = time.perf_counter() - started
                 if response.status_code != 200:
                     raise SystemExit(f"/explanations answered {response.status_code}: {response.text}")
-                answers.append(response.json())
+                answer = response.json()
+                detail = answer["explanation"]
+                print(f"/explanations: {answer['class']} in {seconds * 1e3:.0f} ms; output {detail['output']:.6g}, "
+                      f"baseline_output {detail['baseline_output']:.6g}, convergence_delta "
+                      f"{detail['convergence_delta']:.3g}, map sum {sum(map(sum, answer['attributions'])):.6g}")
+                answers.append(answer)
             return answers
 
 
