@@ -95,7 +95,7 @@ def test_the_server_map_is_captum_on_the_eager_model(explanations, test_pngs, ea
         x, black.expand_as(x), target=labels, n_steps=64, method="gausslegendre").sum(1).numpy()
     served = np.array([answer["attributions"] for answer in explanations])
     difference, peak = float(np.abs(served - expected).max()), float(np.abs(expected).max())
-    assert difference <= 1e-4 * peak + 1e-6
+    assert difference <= 1e-5 * peak + 1e-7  # measured: 7.5e-09 for a peak of 0.066
     report(f"explanations: TorchServe's map vs Captum on the eager model, {len(served)} test images: "
            f"max |d map| {difference:.2g} (map peak {peak:.2g})")
 
