@@ -112,6 +112,13 @@ def test_resume_without_checkpoint_says_so(tmp_path):
     assert result.returncode != 0 and "no checkpoint at" in result.stderr
 
 
+def test_a_run_from_before_the_validation_split_is_not_resumed(tmp_path):
+    settings = {"dataset": "fashion-mnist", "seed": 1, "lr": 0.01}  # no validation_size
+    save_checkpoint({"format_version": 1, "epoch": 1, "settings": settings}, tmp_path / "last.pt")
+    result = run_module("train", "--resume", "--checkpoint-dir", str(tmp_path), check=False)
+    assert result.returncode != 0 and "before the validation split" in result.stderr
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"format_version": 1, "epoch": 1}, path)
