@@ -278,12 +278,14 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    colours = {"train": "tab:blue", "validation": "tab:orange", "test": "tab:green"}  # same in both
     for split in ("train", "validation", "test"):
-        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], "o-", label=split)
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], "o-", color=colours[split], label=split)
     ax_loss.set(xlabel="epoch", ylabel="NLL loss", title="loss")
     ax_loss.legend()
     for split in ("validation", "test"):
-        ax_acc.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], "o-", label=split)
+        ax_acc.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], "o-", color=colours[split],
+                    label=split)
     ax_acc.axvline(best_epoch(history)["epoch"], color="grey", linestyle=":", label="best.pt (validation)")
     ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy")
     ax_acc.legend()
