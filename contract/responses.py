@@ -2,6 +2,8 @@
 
 A prediction: {"label": int, "class": str, "probabilities": [floats in class order],
                "framing": {"mode": ..., "applied": bool, ...}} (what framing did; optional).
+An explanation: a prediction plus "attributions" (H rows of W floats, one per input pixel)
+              and "explanation" (the method, its baseline and steps, and the outputs it explains).
 An error:     {"error": "what was wrong and what to send", "status": HTTP status}.
 Bodies are strict JSON: NaN or infinity would be refused (ValueError) rather than written.
 """
@@ -20,6 +22,15 @@ def prediction(probabilities: np.ndarray, classes: list[str], framing: dict | No
     answer = {"label": label, "class": classes[label], "probabilities": [float(p) for p in probabilities]}
     if framing is not None:
         answer["framing"] = framing
+    return answer
+
+
+def explanation(probabilities: np.ndarray, classes: list[str], attributions: np.ndarray, method: dict,
+                framing: dict | None = None) -> dict:
+    """A prediction with an (H, W) attribution map for its label, and how it was computed."""
+    answer = prediction(probabilities, classes, framing)
+    answer["attributions"] = [[float(v) for v in row] for row in np.asarray(attributions, np.float32)]
+    answer["explanation"] = method
     return answer
 
 

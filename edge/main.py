@@ -7,6 +7,9 @@ and the handler's response}). A file that cannot be used (missing, unreadable, n
 file, over the 1 MiB limit, not an image) is reported on its line and the rest are still
 classified; the exit status is then 1. Control characters in file names are printed escaped,
 so that a name cannot forge output lines.
+
+--explain DIR writes DIR/<image name>.png per classified image: the image with an Integrated
+Gradients map of its predicted class on top (edge/explain.py: computed here, with onnxruntime).
 """
 from __future__ import annotations
 
@@ -85,6 +88,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--framing", choices=MODES, default="auto",
                    help="frame photos and drawings the way the data set was made (bundle.json's "
                         "recipe): auto (unless already in the data set's form), on, off")
+    p.add_argument("--explain", type=Path, metavar="DIR",
+                   help="write an attribution overlay PNG per image into DIR (seconds per image)")
+    p.add_argument("--explain-steps", type=positive_int, default=32,
+                   help="Integrated Gradients' integration points (each costs 2 x pixels model runs)")
     return p.parse_args(argv)
 
 
@@ -110,6 +117,7 @@ def main(argv=None) -> None:
     except (BundleError, ModelMismatch, ProviderUnavailable) as error:
         raise SystemExit(f"[edge] {error}")
     spec, classes = InputSpec.from_bundle(bundle), bundle["classes"]
+    explainer = Explainer(session, input_name, spec, args.explain, args.explain_steps) if args.explain else None
     if args.timing:  # the first run allocates and plans: keep it out of the figure
         session.run(None, {input_name: np.zeros((1, spec.channels, spec.height, spec.width), np.float32)})
 
@@ -127,6 +135,8 @@ def main(argv=None) -> None:
             classified += len(arrays)
         for path, item in batch:  # in the order given
             answer = item if isinstance(item, dict) else responses.prediction(next(probabilities), classes, item[1])
+            if args.explain and "error" not in answer:
+                explain(path, item[0], answer, explainer)
             print_answer(path, answer, args.json)
         batch.clear()
 
@@ -151,3 +161,37 @@ def main(argv=None) -> None:
     if failed:
         print(f"[edge] {failed} of {total} images could not be read", file=sys.stderr)
         sys.exit(1)
+
+
+class Explainer:
+    """Integrated Gradients overlays for the edge CLI (edge/explain.py), one file name per image."""
+
+    def __init__(self, session, input_name: str, spec: InputSpec, directory: Path, steps: int):
+        from edge import explain as method
+
+        self.method, self.session, self.input_name, self.spec = method, session, input_name, spec
+        self.directory, self.steps, self.written = directory, steps, set()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.baseline = method.black_baseline(spec)
+
+
+def explain(path: Path, image: np.ndarray, answer: dict, explainer: Explainer) -> None:
+    """Write the overlay PNG of one classified image and record what was explained in `answer`."""
+    m, session, name_in = explainer.method, explainer.session, explainer.input_name
+    target = answer["label"]
+    attributions = m.integrated_gradients(session, name_in, image, explainer.baseline, target, explainer.steps)
+    name = path.stem
+    while name in explainer.written:  # the same file name in two directories
+        name += "_"
+    explainer.written.add(name)
+    overlay = explainer.directory / f"{name}.png"
+    overlay.write_bytes(m.overlay_png(m.model_view(image, explainer.spec), attributions))
+    output = float(m.class_probability(session, name_in, image, target)[0])
+    baseline_output = float(m.class_probability(session, name_in, explainer.baseline, target)[0])
+    answer["explanation"] = {"overlay": str(overlay), "steps": explainer.steps, "baseline": "black image",
+                             "target": "probability of the predicted class", "output": output,
+                             "baseline_output": baseline_output,
+                             "attribution_sum": float(attributions.sum())}
+    print(f"[edge] {shown(overlay)}: Integrated Gradients of P({answer['class']}) = {output:.4f}, "
+          f"attributions sum to {attributions.sum():.4f} of {output - baseline_output:.4f} "
+          f"from the black baseline ({explainer.steps} steps)", file=sys.stderr)

@@ -108,6 +108,15 @@ def export_onnx(model, x: torch.Tensor, path: Path) -> np.ndarray:
     return run_log_probs(open_session(str(path), "cpu"), x.numpy())
 
 
+def checkpoint_figures(state: dict) -> dict:
+    """The checkpoint's accuracies, each named by the split it was measured on."""
+    metrics, splits = state["metrics"], state["data"].get("splits")
+    if "validation_accuracy" not in metrics:  # trained before the validation split
+        return {"chosen_on": "test accuracy", "test_accuracy": metrics["test_accuracy"]}
+    return {"chosen_on": "validation accuracy", "validation_accuracy": metrics["validation_accuracy"],
+            "test_accuracy": metrics["test_accuracy"], "splits": splits}
+
+
 def build(args) -> None:
     try:
         state = load_checkpoint(args.checkpoint)
@@ -150,8 +159,7 @@ def build(args) -> None:
 
     bundle.update({
         "checkpoint": {"path": str(args.checkpoint), "sha256": sha256_file(args.checkpoint),
-                       "epoch": state["epoch"],
-                       "test_accuracy": state["metrics"]["test_accuracy"],
+                       "epoch": state["epoch"], **checkpoint_figures(state),
                        "trained_on": state.get("trained_on", "cpu")},
         "files": {name: file_entry(out / name) for name in ("model.pt", "model.onnx")},
         "export_check": {"images": len(x), "tolerance": TOLERANCE,
@@ -165,9 +173,10 @@ def build(args) -> None:
     })
     write_bundle(bundle, out / BUNDLE_FILE)
     write_samples(pngs[:5], labels[:5], data["classes"], out / "samples")
+    figures = bundle["checkpoint"]
     print(f"[export] wrote {out}/model.pt, {out}/model.onnx, {out}/{BUNDLE_FILE} "
-          f"({data['dataset']}, epoch {state['epoch']}, test accuracy "
-          f"{100 * state['metrics']['test_accuracy']:.2f}%)")
+          f"({data['dataset']}, epoch {state['epoch']}, chosen on {figures['chosen_on']}; test accuracy "
+          f"{100 * figures['test_accuracy']:.2f}%)")
 
 
 def archiver_command() -> str:

@@ -102,7 +102,7 @@ class Server:
     def predict(self, body: bytes, content_type: str = "application/octet-stream",
                 model: str = MODEL_NAME, session: requests.Session | None = None,
                 timeout: float = 30, headers: dict | None = None,
-                params: dict | None = None) -> requests.Response:
+                params: dict | None = None, api: str = "predictions") -> requests.Response:
         """POST one request with the inference key, renewing the key once if it expired.
 
         The content type matters: a form type (urllib's and curl's default for POST data) makes
@@ -110,7 +110,7 @@ class Server:
         as given, e.g. headers={"X-Framing": "off"}.
         """
         post = (session or requests).post
-        url = f"{self.inference_url}/predictions/{model}"
+        url = f"{self.inference_url}/{api}/{model}"
         for attempt in range(2):
             sent = {**(headers or {}), "Authorization": f"Bearer {self.key('inference')}",
                     "Content-Type": content_type}
@@ -120,6 +120,10 @@ class Server:
                 continue
             return response
         return response
+
+    def explain(self, body: bytes, content_type: str = "application/octet-stream", **kwargs) -> requests.Response:
+        """POST to /explanations: the prediction plus an attribution map for its label."""
+        return self.predict(body, content_type, api="explanations", **kwargs)
 
 
 def content_type_of(path: Path | str) -> str:

@@ -7,9 +7,12 @@ import torch
 
 from tests.conftest import DATA_DIR, run_module
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from train.data import IDX_FILES, DataUnavailable, ensure_dataset
+from train.data import IDX_FILES, DataUnavailable, ensure_dataset, hold_out, load_split
+from train.distributed import Group
+from train.loop import build_run, load_data
+from train.loop import train as train_loop
 
-SMALL = ("--train-limit", "2000", "--test-limit", "500", "--threads", "1")
+SMALL = ("--train-limit", "2000", "--validation-size", "500", "--test-limit", "500", "--threads", "1")
 
 
 def train(checkpoint_dir, *extra):
@@ -27,11 +30,64 @@ def test_checkpoints_hold_plain_data_and_what_export_needs(artifacts):
     assert state["data"]["classes"][9] == "Ankle boot"
     assert state["data"]["mean"] == pytest.approx(0.286, abs=0.002)
     assert state["data"]["std"] == pytest.approx(0.353, abs=0.002)
+    assert state["data"]["splits"] == {"train": 55000, "validation": 5000, "test": 10000,
+                                       "validation_held_out_of": "train", "validation_seed": 1}
     rows = list(csv.DictReader(open(artifacts.checkpoint_dir / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"validation_loss", "validation_accuracy", "test_loss", "test_accuracy"} <= set(rows[0])
     assert (artifacts.checkpoint_dir / "curves.png").stat().st_size > 1000
     best = load_checkpoint(artifacts.checkpoint_dir / "best.pt")
-    assert best["metrics"]["test_accuracy"] == max(float(r["test_accuracy"]) for r in rows)
+    assert best["metrics"]["validation_accuracy"] == max(float(r["validation_accuracy"]) for r in rows)
+    checkpoint = artifacts.bundle["checkpoint"]
+    assert checkpoint["chosen_on"] == "validation accuracy"
+    assert checkpoint["validation_accuracy"] == best["metrics"]["validation_accuracy"]
+    assert checkpoint["test_accuracy"] == best["metrics"]["test_accuracy"]
+    assert checkpoint["splits"]["validation"] == 5000
+
+
+def test_the_validation_set_is_fixed_by_the_seed_and_never_trained_on(fashion_test_set):
+    info = ensure_dataset("fashion-mnist", DATA_DIR, allow_download=False)
+    cpu = torch.device("cpu")
+    full = load_data(info, DATA_DIR, cpu, 5000, seed=1)
+    limited = load_data(info, DATA_DIR, cpu, 5000, seed=1, train_limit=2000,
+                        normalization=(full.mean, full.std))  # else the limited set's own statistics
+    other_seed = load_data(info, DATA_DIR, cpu, 5000, seed=2)
+    assert full.sizes() == {"train": 55000, "validation": 5000, "test": 10000}
+    assert torch.equal(full.x_val, limited.x_val) and torch.equal(full.y_val, limited.y_val)
+    assert torch.equal(full.x_train[:2000], limited.x_train)
+    assert not torch.equal(full.x_val, other_seed.x_val)
+    # the two parts are exactly the training set: nothing held out is trained on
+    whole = load_split(info, DATA_DIR, train=True)
+    rest, held = hold_out(whole, 5000, seed=1)
+    assert len(rest) + len(held) == len(whole)
+    assert torch.equal(torch.sort(torch.cat([rest.labels, held.labels])).values, torch.sort(whole.labels).values)
+    sums = lambda images: torch.sort(images.flatten(1).sum(1)).values  # noqa: E731
+    assert torch.equal(sums(torch.cat([rest.images, held.images])), sums(whole.images))
+    # a random draw, not a slice: every class is there in about its share (500 each)
+    counts = torch.bincount(held.labels, minlength=10)
+    assert counts.min() > 400 and counts.max() < 600, counts.tolist()
+    with pytest.raises(ValueError, match="--validation-size"):
+        hold_out(whole, 0, seed=1)
+
+
+def test_best_pt_is_chosen_on_validation_not_on_test(tmp_path):
+    """The test labels are shifted by one class here, so that test accuracy no longer follows
+    learning: best.pt must still follow the validation set."""
+    torch.manual_seed(0)
+    info = ensure_dataset("fashion-mnist", DATA_DIR, allow_download=False)
+    data = load_data(info, DATA_DIR, torch.device("cpu"), 1000, seed=1, train_limit=3000, test_limit=1000)
+    data.y_test = (data.y_test + 1) % 10
+    settings = {"seed": 1, "lr": 0.01, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0,
+                "schedule": "constant", "batch_size": 64, "flip": False}
+    run = build_run(settings, 4, tmp_path, torch.device("cpu"), Group(), data)
+    train_loop(run, 4)
+    history = run.history
+    by_validation = max(history, key=lambda r: (r["validation_accuracy"], -r["epoch"]))["epoch"]
+    by_test = max(history, key=lambda r: (r["test_accuracy"], -r["epoch"]))["epoch"]
+    assert by_validation != by_test, f"the set-up does not tell the two apart: {history}"
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == by_validation
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [float(r["test_accuracy"]) for r in rows] == [h["test_accuracy"] for h in history]
 
 
 @pytest.mark.parametrize("recipe", ["seed", "fast"])
@@ -42,6 +98,7 @@ def test_resume_is_bit_exact(tmp_path, recipe):
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     result = train(tmp_path / "resumed", "--epochs", "2", "--resume")
     assert "resumed from" in result.stdout
+    assert "validation loss" in result.stdout and "test loss" in result.stdout
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert resumed["epoch"] == 2
@@ -53,6 +110,13 @@ def test_resume_is_bit_exact(tmp_path, recipe):
 def test_resume_without_checkpoint_says_so(tmp_path):
     result = run_module("train", "--resume", "--checkpoint-dir", str(tmp_path), check=False)
     assert result.returncode != 0 and "no checkpoint at" in result.stderr
+
+
+def test_a_run_from_before_the_validation_split_is_not_resumed(tmp_path):
+    settings = {"dataset": "fashion-mnist", "seed": 1, "lr": 0.01}  # no validation_size
+    save_checkpoint({"format_version": 1, "epoch": 1, "settings": settings}, tmp_path / "last.pt")
+    result = run_module("train", "--resume", "--checkpoint-dir", str(tmp_path), check=False)
+    assert result.returncode != 0 and "before the validation split" in result.stderr
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

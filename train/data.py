@@ -144,6 +144,23 @@ def load_split(info: DatasetInfo, root: Path | str, train: bool) -> TensorData:
     return TensorData(ds.data.contiguous(), ds.targets.to(torch.int64).contiguous())
 
 
+def hold_out(split: TensorData, size: int, seed: int) -> tuple[TensorData, TensorData]:
+    """(the rest, `size` held-out images): a validation set drawn from the training set.
+
+    Which images are held out depends on the seed alone (not on the device, the process count
+    or --train-limit), so a resumed or distributed run holds out the same ones. Both parts keep
+    the data set's own order.
+    """
+    if not 0 < size < len(split):
+        raise ValueError(f"--validation-size {size}: choose between 1 and {len(split) - 1} "
+                         f"(the training set has {len(split)} images)")
+    g = torch.Generator().manual_seed(seed * 100_003 + 99_991)  # apart from the epoch orders' seeds
+    held = torch.zeros(len(split), dtype=torch.bool)
+    held[torch.randperm(len(split), generator=g)[:size]] = True
+    return (TensorData(split.images[~held], split.labels[~held]),
+            TensorData(split.images[held], split.labels[held]))
+
+
 def pixel_statistics(images: torch.Tensor) -> tuple[float, float]:
     """Mean and std of the [0, 1]-scaled pixels: the normalization the model is trained with."""
     x = images.to(torch.float64) / 255.0

@@ -1,7 +1,9 @@
 """The training loop, importable without a command line (train/main.py parses one; bench/ and
 the tests import this).
 
-Each split is decoded once into a tensor that lives on the training device; every epoch draws
+A validation set is held out of the training set (its size and the seed say which images):
+it chooses `best.pt`; the test set is only reported. Each split is decoded once into a tensor
+that lives on the training device; every epoch draws
 its order (and its flips) from (seed, epoch), so a run resumed from `last.pt` sees exactly the
 batches that an uninterrupted run would have seen.
 
@@ -25,20 +27,26 @@ from tqdm import tqdm
 
 from train import distributed
 from train.checkpoint import FORMAT_VERSION, save_checkpoint
-from train.data import DatasetInfo, load_split, normalize, pixel_statistics
+from train.data import DatasetInfo, hold_out, load_split, normalize, pixel_statistics
 from train.model import ARCHITECTURE, INPUT_SHAPE, build_model
 
 
 @dataclass
 class Data:
-    """The splits of one data set, normalized, on the training device."""
+    """The splits of one data set, normalized, on the training device. The validation images
+    are held out of the training set; the test set is the data set's own."""
     info: DatasetInfo
     mean: float
     std: float
     x_train: torch.Tensor
     y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+    def sizes(self) -> dict:
+        return {"train": len(self.y_train), "validation": len(self.y_val), "test": len(self.y_test)}
 
 
 @dataclass
@@ -55,19 +63,27 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     history: list[dict] = field(default_factory=list)
-    best_accuracy: float = -1.0
+    best_validation_accuracy: float = -1.0
     first_epoch: int = 1
 
 
-def load_data(info: DatasetInfo, data_dir: Path, device: torch.device, train_limit: int | None = None,
-              test_limit: int | None = None, normalization: tuple[float, float] | None = None) -> Data:
-    """Both splits as tensors on `device`, normalized with the training set's own mean and std
-    (or `normalization`, a resumed run's)."""
-    train_split, test_split = load_split(info, data_dir, train=True), load_split(info, data_dir, train=False)
-    train_images, train_labels = train_split.images[:train_limit], train_split.labels[:train_limit]
+def load_data(info: DatasetInfo, data_dir: Path, device: torch.device, validation_size: int, seed: int,
+              train_limit: int | None = None, test_limit: int | None = None,
+              normalization: tuple[float, float] | None = None) -> Data:
+    """Training, validation and test tensors on `device`, normalized with the training images'
+    own mean and std (or `normalization`, a resumed run's).
+
+    The validation images are held out of the whole training set before --train-limit takes
+    the first images of the rest: they are never trained on, whatever the limit.
+    """
+    rest, validation = hold_out(load_split(info, data_dir, train=True), validation_size, seed)
+    test_split = load_split(info, data_dir, train=False)
+    train_images, train_labels = rest.images[:train_limit], rest.labels[:train_limit]
     test_images, test_labels = test_split.images[:test_limit], test_split.labels[:test_limit]
     mean, std = normalization or pixel_statistics(train_images)
-    return Data(info, mean, std, normalize(train_images, mean, std).to(device), train_labels.to(device),
+    return Data(info, mean, std,
+                normalize(train_images, mean, std).to(device), train_labels.to(device),
+                normalize(validation.images, mean, std).to(device), validation.labels.to(device),
                 normalize(test_images, mean, std).to(device), test_labels.to(device))
 
 
@@ -98,7 +114,7 @@ def build_run(settings: dict, epochs: int, checkpoint_dir: Path, device: torch.d
         restore_rng_state(resumed["rng_state"])
         run.history = resumed["history"]
         run.first_epoch = resumed["epoch"] + 1
-        run.best_accuracy = resumed["best_test_accuracy"]
+        run.best_validation_accuracy = resumed["best_validation_accuracy"]
     return run
 
 
@@ -180,18 +196,38 @@ def train(run: Run, last_epoch: int, test_batch_size: int = 1000) -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         if run.group.is_main:  # rank 0 evaluates and writes; the others wait at the barrier
-            test_loss, test_accuracy = test(run.model, data.x_test, data.y_test, test_batch_size)
-            run.history.append({"epoch": epoch, "train_loss": round(train_loss, 6),
-                                "test_loss": round(test_loss, 6), "test_accuracy": test_accuracy,
-                                "epoch_seconds": round(seconds, 3),
-                                "images_per_second": round(len(order) / seconds, 1)})
-            improved = test_accuracy > run.best_accuracy
-            run.best_accuracy = max(run.best_accuracy, test_accuracy)
+            row = evaluate(run, test_batch_size)
+            row.update(epoch=epoch, train_loss=round(train_loss, 6), epoch_seconds=round(seconds, 3),
+                       images_per_second=round(len(order) / seconds, 1))
+            run.history.append({key: row[key] for key in HISTORY_COLUMNS})
+            # best.pt is chosen on the validation set; the test set only reports
+            improved = row["validation_accuracy"] > run.best_validation_accuracy
+            run.best_validation_accuracy = max(run.best_validation_accuracy, row["validation_accuracy"])
             save_checkpoints(run, epoch, improved)
-            print(f"[train] epoch {epoch}/{run.epochs}: train loss {train_loss:.4f}, test loss "
-                  f"{test_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%, {seconds:.1f} s "
+            print(f"[train] epoch {epoch}/{run.epochs}: train loss {train_loss:.4f}; validation loss "
+                  f"{row['validation_loss']:.4f}, accuracy {100 * row['validation_accuracy']:.2f}%; test loss "
+                  f"{row['test_loss']:.4f}, accuracy {100 * row['test_accuracy']:.2f}%; {seconds:.1f} s "
                   f"({len(order) / seconds:,.0f} img/s){' -> best.pt' if improved else ''}", flush=True)
         distributed.barrier(run.group)
+
+
+# metrics.csv's columns, in order: which split each figure comes from is in its name
+HISTORY_COLUMNS = ("epoch", "train_loss", "validation_loss", "validation_accuracy", "test_loss",
+                   "test_accuracy", "epoch_seconds", "images_per_second")
+
+
+def evaluate(run: Run, batch_size: int) -> dict:
+    """Loss and accuracy on the validation and the test set."""
+    data = run.data
+    validation_loss, validation_accuracy = test(run.model, data.x_val, data.y_val, batch_size)
+    test_loss, test_accuracy = test(run.model, data.x_test, data.y_test, batch_size)
+    return {"validation_loss": round(validation_loss, 6), "validation_accuracy": validation_accuracy,
+            "test_loss": round(test_loss, 6), "test_accuracy": test_accuracy}
+
+
+def best_epoch(history: list[dict]) -> dict:
+    """The history row best.pt holds: the first epoch with the highest validation accuracy."""
+    return max(history, key=lambda row: (row["validation_accuracy"], -row["epoch"]))
 
 
 def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
@@ -207,9 +243,12 @@ def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
         "settings": run.settings,
         "metrics": run.history[-1],
         "history": run.history,
-        "best_test_accuracy": run.best_accuracy,
+        "best_validation_accuracy": run.best_validation_accuracy,
         "data": {"dataset": run.data.info.name, "classes": list(run.data.info.classes),
-                 "mean": run.data.mean, "std": run.data.std, "input_shape": list(INPUT_SHAPE)},
+                 "mean": run.data.mean, "std": run.data.std, "input_shape": list(INPUT_SHAPE),
+                 # the validation set is held out of the training set: seed and size say which
+                 "splits": {**run.data.sizes(), "validation_held_out_of": "train",
+                            "validation_seed": run.settings["seed"]}},
         "torch_version": str(torch.__version__),
         "trained_on": run.device.type,
         "world_size": run.group.world_size,
@@ -239,12 +278,17 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    colours = {"train": "tab:blue", "validation": "tab:orange", "test": "tab:green"}  # same in both
+    for split in ("train", "validation", "test"):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], "o-", color=colours[split], label=split)
     ax_loss.set(xlabel="epoch", ylabel="NLL loss", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-")
-    ax_acc.set(xlabel="epoch", ylabel="%", title="test accuracy")
+    for split in ("validation", "test"):
+        ax_acc.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], "o-", color=colours[split],
+                    label=split)
+    ax_acc.axvline(best_epoch(history)["epoch"], color="grey", linestyle=":", label="best.pt (validation)")
+    ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy")
+    ax_acc.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

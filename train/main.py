@@ -1,6 +1,8 @@
 """Train the ConvNet and write checkpoints: `python -m train --help`.
 
 The defaults are the seed tutorial's recipe (SGD lr 0.01, momentum 0.5, batch 64, 10 epochs).
+5,000 training images, chosen by the seed, are held out as a validation set that picks
+`best.pt`; the test set is evaluated for reporting only.
 A run resumed from `last.pt` sees exactly the batches that an uninterrupted run would have seen
 (train/loop.py, which holds the loop itself).
 
@@ -19,11 +21,11 @@ import torch
 from train import distributed
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.data import CHOICES, DataUnavailable, ensure_dataset
-from train.loop import build_run, load_data, train
+from train.loop import best_epoch, build_run, load_data, train
 
 # Settings that define the run; on --resume they come from the checkpoint, not the command line.
 RECIPE_KEYS = ("dataset", "recipe", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
-               "schedule", "flip", "seed", "train_limit", "test_limit")
+               "schedule", "flip", "seed", "validation_size", "train_limit", "test_limit")
 
 # --recipe picks the defaults; any flag given explicitly still wins. "seed" is the tutorial's
 # recipe; "fast" is the same network trained harder: a larger batch, Nesterov momentum, weight
@@ -65,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt")
     p.add_argument("--stop-after-epoch", type=int, default=None,
                    help="end this session after that epoch; --resume continues the planned --epochs")
-    p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
+    p.add_argument("--validation-size", type=int, default=5000,
+                   help="training images held out (chosen by --seed) to pick best.pt; never trained on")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="train on the first N training images left after the validation set")
     p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
     p.add_argument("--prepare-data-only", action="store_true",
                    help="make the data set present under --data-dir, then exit")
@@ -107,6 +112,9 @@ def resume_settings(args, settings: dict, group: distributed.Group) -> dict | No
         resumed = load_checkpoint(ckpt)
     except CheckpointError as error:
         raise SystemExit(f"--resume: {error}")
+    if "validation_size" not in resumed["settings"]:
+        raise SystemExit(f"--resume: {ckpt} was trained before the validation split existed (its "
+                         "best.pt was chosen on the test set); start a new run in another --checkpoint-dir")
     for key in RECIPE_KEYS:
         if settings[key] != resumed["settings"][key] and not (key == "dataset" and settings[key] == "auto"):
             print(f"[train] --resume keeps the run's {key}={resumed['settings'][key]!r} "
@@ -135,12 +143,17 @@ def run(args, group: distributed.Group, device: torch.device) -> None:
         print(f"[data] {info.name} is ready in {info.raw_dir(args.data_dir)}")
         return
     normalization = (resumed["data"]["mean"], resumed["data"]["std"]) if resumed else None
-    data = load_data(info, args.data_dir, device, settings["train_limit"], settings["test_limit"], normalization)
+    try:
+        data = load_data(info, args.data_dir, device, settings["validation_size"], settings["seed"],
+                         settings["train_limit"], settings["test_limit"], normalization)
+    except ValueError as error:
+        raise SystemExit(f"[train] {error}")
     training = build_run(settings, args.epochs, ckpt_dir, device, group, data, resumed)
     if resumed:
         print(f"[train] resumed from {ckpt_dir / 'last.pt'} after epoch {resumed['epoch']}")
 
-    print(f"[train] {info.name}: {len(data.y_train)} training / {len(data.y_test)} test images, "
+    print(f"[train] {info.name}: {len(data.y_train)} training / {len(data.y_val)} validation (held out of "
+          f"the training set, seed {settings['seed']}) / {len(data.y_test)} test images, "
           f"mean {data.mean:.4f} std {data.std:.4f}; device {device}, {torch.get_num_threads()} thread(s)"
           f"{f', {group.world_size} process(es), {distributed.backend(device)}' if group.launched else ''}; "
           f"recipe {settings['recipe']}: epochs {training.first_epoch}..{args.epochs}, batch "
@@ -153,4 +166,9 @@ def run(args, group: distributed.Group, device: torch.device) -> None:
     if last_epoch < args.epochs:
         print(f"[train] stopped after epoch {last_epoch} of {args.epochs}: the same command with "
               f"--resume continues")
-    print(f"[train] done: best test accuracy {100 * training.best_accuracy:.2f}%; checkpoints in {ckpt_dir}/")
+    if not group.is_main:  # the other ranks keep no history
+        return
+    best = best_epoch(training.history)
+    print(f"[train] done: best.pt is epoch {best['epoch']}, chosen on validation accuracy "
+          f"{100 * best['validation_accuracy']:.2f}%; its test accuracy {100 * best['test_accuracy']:.2f}%; "
+          f"checkpoints in {ckpt_dir}/")
