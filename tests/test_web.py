@@ -1,0 +1,312 @@
+"""The browser page (web/) in headless Chromium, against Python onnxruntime on the same bytes.
+
+Playwright from PyPI drives Debian's chromium (/usr/bin/chromium, installed by make install);
+the page loads the model with onnxruntime-web (WASM) from `python -m web`, which also proxies to a
+real TorchServe.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from contract import TOLERANCE
+from contract.onnx_session import open_session, run_log_probs
+from contract.preprocessing import InputSpec, _to_gray, preprocess
+from tests.conftest import ROOT, encode_image, report
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--headless"]
+SCREENSHOT = ROOT / "docs" / "web-page.png"
+PREDICTION = '[data-testid="prediction"][data-label]'
+
+
+@pytest.fixture(scope="module")
+def web(artifacts, torchserve):
+    """`python -m web` on a free port, serving the test build and proxying to the test TorchServe."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "web", "--port", "0", "--quiet", "--build", str(artifacts.build_dir),
+         "--torchserve-config", str(torchserve.workdir / "config.properties"),
+         "--torchserve-dir", str(torchserve.workdir)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert match, f"python -m web did not start: {line}{process.stdout.read() if process.poll() is not None else ''}"
+        yield match.group(0)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} not found: run `make install` (it installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1100, "height": 720})
+    page.goto(url)
+    page.wait_for_selector('[data-testid="status"][data-ready]', timeout=60_000)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, web):
+    page = open_page(browser, web)
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def reference(artifacts):
+    """Python onnxruntime with the contract's preprocessing: image bytes -> probabilities."""
+    session = open_session(str(artifacts.build_dir / "model.onnx"))
+    spec = InputSpec.from_bundle(artifacts.bundle)
+    return lambda data: np.exp(run_log_probs(session, preprocess(data, spec)))[0]
+
+
+def page_answer(page, selector=PREDICTION):
+    element = page.wait_for_selector(selector, timeout=30_000)
+    return int(element.get_attribute("data-label")), np.array(json.loads(element.get_attribute("data-probabilities")))
+
+
+def give_file(page, data: bytes, name: str = "image.png"):
+    page.click('[data-testid="clear"]')
+    page.set_input_files('[data-testid="file-input"]', files=[{"name": name, "mimeType": "image/png", "buffer": data}])
+    return page_answer(page)
+
+
+def assert_same_answer(page_probs, python_probs, what):
+    dp = float(np.abs(page_probs - python_probs).max())
+    assert page_probs.shape == python_probs.shape == (10,), what
+    assert dp <= TOLERANCE, f"{what}: max |dp| {dp:.2e} between the page and Python onnxruntime"
+    assert page_probs.argmax() == python_probs.argmax(), f"{what}: the page and Python disagree on the class"
+    return dp
+
+
+def odd_images(fashion_test_set):
+    """Real test images in the forms people send: other sizes (pad + Lanczos), RGB, translucent
+    RGBA, palette, 1-bit; each path of the preprocessing."""
+    images = fashion_test_set.images[256:262].numpy()
+    big = Image.fromarray(images[0]).resize((90, 60), Image.Resampling.BICUBIC)
+    rgb = np.stack([images[1], images[1] // 2, 255 - images[1]], axis=-1).astype(np.uint8)
+    rgba = np.dstack([np.full_like(images[2], 200), images[2], images[2], images[2]]).astype(np.uint8)
+    return {
+        "gray 90x60": encode_image(big),
+        "RGB 28x28": encode_image(rgb),
+        "RGBA translucent 28x28": encode_image(rgba, mode=None),
+        "RGBA 37x51": encode_image(Image.fromarray(rgba).resize((37, 51))),
+        "palette 112x112": encode_image(Image.fromarray(images[3]).resize((112, 112)), mode="P"),
+        "1-bit 28x28": encode_image(images[4], mode="1"),
+        "gray 20x20 (upscaled)": encode_image(Image.fromarray(images[5]).resize((20, 20))),
+    }
+
+
+def test_dropped_test_images_match_python_onnxruntime(page, reference, test_pngs):
+    pngs, labels = test_pngs
+    worst, correct = 0.0, 0
+    for i, png in enumerate(pngs[:40]):
+        label, probabilities = give_file(page, png, f"test{i:04d}.png")
+        worst = max(worst, assert_same_answer(probabilities, reference(png), f"test image {i}"))
+        correct += label == labels[i]
+    assert correct >= 28, f"only {correct} of 40 test images classified right in the page"
+    # the drop area takes the same path as the file input
+    page.click('[data-testid="clear"]')
+    transfer = page.evaluate_handle("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+        return transfer; }""", base64.b64encode(pngs[40]).decode())
+    page.dispatch_event('[data-testid="drop"]', "drop", {"dataTransfer": transfer})
+    worst = max(worst, assert_same_answer(page_answer(page)[1], reference(pngs[40]), "dropped image"))
+    report(f"web: 41 real test PNGs through the page, max |dp| vs Python onnxruntime {worst:.1e}")
+
+
+def test_other_sizes_and_modes_match_python(page, reference, fashion_test_set):
+    worst = 0.0
+    for what, data in odd_images(fashion_test_set).items():
+        _, probabilities = give_file(page, data, "odd.png")
+        worst = max(worst, assert_same_answer(probabilities, reference(data), what))
+    report(f"web: resized, RGB, RGBA, palette and 1-bit PNGs, max |dp| vs Python onnxruntime {worst:.1e}")
+
+
+def test_preprocessing_module_matches_python(page, artifacts, fashion_test_set):
+    """web/preprocessing.js against contract/preprocessing.py: luminance bit for bit over every
+    colour/alpha pair (the canvas stores premultiplied colour), and the model input after
+    padding and Lanczos resizing."""
+    rng = np.random.default_rng(16)
+    rgba = np.zeros((256, 256, 4), np.uint8)
+    rgba[..., 0] = np.arange(256)[None, :]
+    rgba[..., 1] = rng.integers(0, 256, (256, 256))
+    rgba[..., 2] = rng.integers(0, 256, (256, 256))
+    rgba[..., 3] = np.arange(256)[:, None]
+    every_alpha = encode_image(rgba)
+    gray = page.evaluate("""async (b64) => {
+        const m = await import('/preprocessing.js');
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        return Array.from(m.toGray(await m.decodeRgba(bytes))); }""", base64.b64encode(every_alpha).decode())
+    expected = _to_gray(Image.open(io.BytesIO(every_alpha)))
+    assert np.array_equal(np.array(gray, np.float32).reshape(256, 256), expected)
+
+    spec = InputSpec.from_bundle(artifacts.bundle)
+    worst = 0.0
+    for what, data in odd_images(fashion_test_set).items():
+        page_input = page.evaluate("""async ([b64, bundle]) => {
+            const m = await import('/preprocessing.js');
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            return Array.from((await m.preprocess(bytes, m.specFromBundle(bundle))).input); }""",
+                                   [base64.b64encode(data).decode(), artifacts.bundle])
+        difference = np.abs(np.array(page_input, np.float32) - preprocess(data, spec).ravel()).max()
+        assert difference <= 1e-5, f"{what}: the page's input differs from Python's by {difference:.1e}"
+        worst = max(worst, float(difference))
+    report(f"web: preprocessing.js vs contract/preprocessing.py: luminance identical over 65,536 "
+           f"colour/alpha pairs; model input max |dx| {worst:.1e} over {len(odd_images(fashion_test_set))} resized/converted PNGs")
+
+
+def draw(page, strokes):
+    """Mouse strokes on the canvas; each stroke is a list of (x, y) in 0..1 of its size."""
+    page.click('[data-testid="clear"]')
+    box = page.locator('[data-testid="canvas"]').bounding_box()
+    for stroke in strokes:
+        points = [(box["x"] + x * box["width"], box["y"] + y * box["height"]) for x, y in stroke]
+        page.mouse.move(*points[0])
+        page.mouse.down()
+        for point in points[1:]:
+            page.mouse.move(*point, steps=8)
+        page.mouse.up()
+    return page_answer(page)
+
+
+def drawn_bytes(page) -> bytes:
+    b64 = page.evaluate("""async () => {
+        const blob = await (await fetch(document.querySelector('[data-testid=input-download]').href)).blob();
+        const bytes = new Uint8Array(await blob.arrayBuffer());
+        let text = ''; for (const b of bytes) text += String.fromCharCode(b);
+        return btoa(text); }""")
+    return base64.b64decode(b64)
+
+
+# Shapes a person would draw for a few Fashion-MNIST classes, light on the black canvas.
+SHAPES = {
+    "Trouser": [[(0.38, 0.1), (0.3, 0.9)], [(0.62, 0.1), (0.7, 0.9)], [(0.38, 0.1), (0.62, 0.1)],
+                [(0.5, 0.12), (0.5, 0.4)]],
+    "Bag": [[(0.15, 0.35), (0.85, 0.35), (0.85, 0.85), (0.15, 0.85), (0.15, 0.35)],
+            [(0.35, 0.35), (0.35, 0.15), (0.65, 0.15), (0.65, 0.35)]],
+}
+
+
+@pytest.mark.parametrize("expected", sorted(SHAPES))
+def test_drawn_shapes(page, reference, artifacts, expected):
+    label, probabilities = draw(page, SHAPES[expected])
+    drawing = drawn_bytes(page)
+    assert Image.open(io.BytesIO(drawing)).size == (280, 280)
+    assert_same_answer(probabilities, reference(drawing), f"drawn {expected}")
+    assert artifacts.bundle["classes"][label] == expected, \
+        f"a drawn {expected} was classified as {artifacts.bundle['classes'][label]} ({probabilities.round(3)})"
+    seen = page.evaluate("""() => Array.from(document.querySelector('[data-testid=seen]')
+        .getContext('2d').getImageData(0, 0, 28, 28).data)""")
+    assert max(seen) > 200, "the 28x28 view shows nothing of the drawing"
+
+
+def test_server_answer_beside_the_browser_and_key_stays_on_the_server(browser, web, reference, server, test_pngs):
+    page = open_page(browser, web)
+    bodies = []
+    page.on("response", lambda response: bodies.append(response))
+    page.check('[data-testid="ask-server"]')
+    png = test_pngs[0][7]
+    _, browser_probs = give_file(page, png, "ask-server.png")
+    server_label, server_probs = page_answer(page, '[data-testid="server-prediction"][data-label]')
+    assert_same_answer(server_probs, browser_probs, "TorchServe beside the page")
+    assert "same class" in page.inner_text('[data-testid="agreement"]')
+
+    key = server.key("inference")
+    seen = [(r.url, r.all_headers(), r.body()) for r in bodies]
+    assert any(url.endswith("/predict") for url, _, _ in seen), "the page did not call the proxy"
+    for url, headers, body in seen:
+        assert key.encode() not in body and key not in json.dumps(headers), f"the key reached the page in {url}"
+    page.screenshot(path=str(SCREENSHOT), full_page=True,
+                    style='[data-testid="timing"], [data-testid="status"] { visibility: hidden; }')
+    page.close()
+
+
+def test_proxy_refuses_other_sites_and_serves_only_the_page(web, server, test_pngs):
+    png = test_pngs[0][0]
+    ok = requests.post(web + "predict", data=png, headers={"Content-Type": "application/octet-stream"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["label"] in range(10)
+    foreign = requests.post(web + "predict", data=png, timeout=30,
+                            headers={"Origin": "http://evil.example", "Content-Type": "application/octet-stream"})
+    assert foreign.status_code == 403 and "cross-origin" in foreign.json()["error"]
+    rebound = requests.get(web, headers={"Host": "evil.example"}, timeout=10)
+    assert rebound.status_code == 421
+    for path in ("key_file.json", "../key_file.json", "web/server.py", "model/../../config.properties", "ort/package.json"):
+        response = requests.get(web + path, timeout=10)
+        assert response.status_code == 404, path
+    too_big = requests.post(web + "predict", data=b"\0" * ((1 << 20) + 1), timeout=30)
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
+    not_an_image = requests.post(web + "predict", data=b"not an image", timeout=30,
+                                 headers={"Content-Type": "application/octet-stream"})
+    assert not_an_image.status_code == 400 and "error" in not_an_image.json()
+
+
+def test_bad_file_is_explained_and_the_page_goes_on(page, reference, test_pngs):
+    page.click('[data-testid="clear"]')
+    page.set_input_files('[data-testid="file-input"]',
+                         files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}])
+    error = page.wait_for_selector('[data-testid="error"]:not([hidden])', timeout=30_000)
+    assert "cannot decode" in error.inner_text()
+    assert page.get_attribute('[data-testid="prediction"]', "data-label") is None
+    png = test_pngs[0][3]
+    _, probabilities = give_file(page, png, "after-error.png")
+    assert_same_answer(probabilities, reference(png), "the image after a bad file")
+    assert page.is_hidden('[data-testid="error"]')
+
+
+def test_page_works_offline_weight_and_time_to_first_prediction(browser, web, test_pngs):
+    """Every request goes to the page's own server (no CDN): the page works with the network
+    unplugged. Measures what the page downloads and how long it takes to answer."""
+    context = browser.new_context()
+    requested = []
+    context.on("request", lambda request: requested.append(request))
+    page = context.new_page()
+    started = time.perf_counter()
+    page.goto(web)
+    page.wait_for_selector('[data-testid="status"][data-ready]', timeout=60_000)
+    ready_s = time.perf_counter() - started
+    given = time.perf_counter()
+    page.set_input_files('[data-testid="file-input"]',
+                         files=[{"name": "first.png", "mimeType": "image/png", "buffer": test_pngs[0][0]}])
+    page.wait_for_selector(PREDICTION, timeout=30_000)
+    first_s = time.perf_counter() - given
+    model_ready_ms = float(page.evaluate("document.body.dataset.modelReadyMs"))
+    assert all(r.url.startswith(web) for r in requested), [r.url for r in requested if not r.url.startswith(web)]
+    sizes = {}
+    for request in requested:
+        response = request.response()
+        assert response is not None and response.ok, request.url
+        sizes[request.url[len(web) - 1:]] = len(response.body())
+    wasm = sum(n for url, n in sizes.items() if url.endswith(".wasm"))
+    model = sizes["/model/model.onnx"]
+    total = sum(sizes.values())
+    context.close()
+    report(f"web: page weight {total / 1e6:.2f} MB ({wasm / 1e6:.2f} MB wasm, {model / 1e3:.0f} kB model.onnx, "
+           f"{(total - wasm - model) / 1e3:.0f} kB page, JS and bundle.json); model ready {model_ready_ms:.0f} ms after "
+           f"navigation ({ready_s:.2f} s from goto), first prediction {first_s * 1000:.0f} ms after the file was given "
+           "(headless Chromium, this host)")
