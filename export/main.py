@@ -36,6 +36,7 @@ from PIL import Image
 from contract import MODEL_NAME, TOLERANCE
 from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, file_entry, load_bundle,
                              sha256_bytes, sha256_file, write_bundle)
+from contract.framing import recipe_for
 from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, decode_image
 from train.checkpoint import CheckpointError, load_checkpoint, load_model
@@ -122,7 +123,9 @@ def build(args) -> None:
         "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
                   "channels": data["input_shape"][0], "height": data["input_shape"][1],
                   "width": data["input_shape"][2], "mean": [data["mean"]], "std": [data["std"]],
-                  "scale": "pixel / 255, then (x - mean) / std"},
+                  "scale": "pixel / 255, then (x - mean) / std",
+                  # how real-world images are framed like the data set's (contract/framing.py)
+                  "framing": recipe_for(data["dataset"])},
         "output": {"name": OUTPUT_NAME, "kind": "log_softmax", "probabilities": "exp(log_probs)"},
     }
     spec = InputSpec.from_bundle(bundle)
