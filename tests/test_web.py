@@ -22,7 +22,7 @@ from PIL import Image
 
 from contract import TOLERANCE
 from contract.onnx_session import open_session, run_log_probs
-from contract.preprocessing import InputSpec, _to_gray, preprocess
+from contract.preprocessing import InputSpec, _to_gray, preprocess, preprocess_framed
 from tests.conftest import ROOT, encode_image, report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -103,21 +103,43 @@ def assert_same_answer(page_probs, python_probs, what):
 
 
 def odd_images(fashion_test_set):
-    """Real test images in the forms people send: other sizes (pad + Lanczos), RGB, translucent
-    RGBA, palette, 1-bit; each path of the preprocessing."""
-    images = fashion_test_set.images[256:262].numpy()
+    """Real test images in the forms people send, one for each path of the preprocessing:
+    other sizes, RGB, translucent RGBA, palette, 1-bit (fitted or framed), and photo-like and
+    drawing-like inputs that framing turns into the data set's form."""
+    images = fashion_test_set.images[256:265].numpy()
     big = Image.fromarray(images[0]).resize((90, 60), Image.Resampling.BICUBIC)
     rgb = np.stack([images[1], images[1] // 2, 255 - images[1]], axis=-1).astype(np.uint8)
     rgba = np.dstack([np.full_like(images[2], 200), images[2], images[2], images[2]]).astype(np.uint8)
     return {
         "gray 90x60": encode_image(big),
         "RGB 28x28": encode_image(rgb),
-        "RGBA translucent 28x28": encode_image(rgba, mode=None),
+        "RGBA translucent 28x28": encode_image(rgba),
         "RGBA 37x51": encode_image(Image.fromarray(rgba).resize((37, 51))),
         "palette 112x112": encode_image(Image.fromarray(images[3]).resize((112, 112)), mode="P"),
         "1-bit 28x28": encode_image(images[4], mode="1"),
         "gray 20x20 (upscaled)": encode_image(Image.fromarray(images[5]).resize((20, 20))),
+        "photo-like 120x90": photo_like(images[6]),
+        "transparent drawing 140x140": transparent_drawing(images[7], (0, 0, 0)),
+        "coloured translucent drawing 100x100": transparent_drawing(images[8], (200, 40, 90), size=100),
     }
+
+
+def photo_like(image28: np.ndarray) -> bytes:
+    """A dark object on lit paper, off centre, with a lighting gradient and sensor noise."""
+    rng = np.random.default_rng(12)
+    paper = 190 + 50 * np.linspace(0, 1, 120)[None, :] + rng.normal(0, 3, (90, 120))
+    ink = np.asarray(Image.fromarray(image28).resize((56, 56), Image.Resampling.BICUBIC), np.float64)
+    paper[12:68, 48:104] -= ink * 0.7
+    return encode_image(np.clip(paper, 0, 255).astype(np.uint8))
+
+
+def transparent_drawing(image28: np.ndarray, colour, size: int = 140) -> bytes:
+    """Strokes of one colour on transparent pixels, as a canvas exports them."""
+    alpha = Image.fromarray(image28).resize((size, size), Image.Resampling.BILINEAR)
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[..., :3] = colour
+    rgba[..., 3] = np.asarray(alpha)
+    return encode_image(rgba)
 
 
 def test_dropped_test_images_match_python_onnxruntime(page, reference, test_pngs):
@@ -145,40 +167,57 @@ def test_other_sizes_and_modes_match_python(page, reference, fashion_test_set):
     for what, data in odd_images(fashion_test_set).items():
         _, probabilities = give_file(page, data, "odd.png")
         worst = max(worst, assert_same_answer(probabilities, reference(data), what))
-    report(f"web: resized, RGB, RGBA, palette and 1-bit PNGs, max |dp| vs Python onnxruntime {worst:.1e}")
+    report(f"web: resized, RGB, RGBA, palette, 1-bit, photo-like and transparent PNGs, max |dp| vs Python onnxruntime {worst:.1e}")
+
+
+JS_PREPROCESS = """async ([b64, bundle, via]) => {
+    const m = await import('/preprocessing.js');
+    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+    const out = await m.preprocess(bytes, m.specFromBundle(bundle), 'auto', via);
+    return {input: Array.from(out.input), framing: out.framing, decodedWith: out.decodedWith}; }"""
 
 
 def test_preprocessing_module_matches_python(page, artifacts, fashion_test_set):
-    """web/preprocessing.js against contract/preprocessing.py: luminance bit for bit over every
-    colour/alpha pair (the canvas stores premultiplied colour), and the model input after
-    padding and Lanczos resizing."""
+    """web/preprocessing.js and web/framing.js against contract/: the decoded RGBA bit for bit
+    over every colour/alpha pair, luminance bit for bit on the 2D-canvas fallback too, and the
+    model input and framing decisions on every kind of input."""
     rng = np.random.default_rng(16)
     rgba = np.zeros((256, 256, 4), np.uint8)
     rgba[..., 0] = np.arange(256)[None, :]
-    rgba[..., 1] = rng.integers(0, 256, (256, 256))
-    rgba[..., 2] = rng.integers(0, 256, (256, 256))
+    rgba[..., 1:3] = rng.integers(0, 256, (256, 256, 2))
     rgba[..., 3] = np.arange(256)[:, None]
-    every_alpha = encode_image(rgba)
-    gray = page.evaluate("""async (b64) => {
+    every_alpha = base64.b64encode(encode_image(rgba)).decode()
+    decoded = page.evaluate("""async ([b64, via]) => {
         const m = await import('/preprocessing.js');
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-        return Array.from(m.toGray(await m.decodeRgba(bytes))); }""", base64.b64encode(every_alpha).decode())
-    expected = _to_gray(Image.open(io.BytesIO(every_alpha)))
-    assert np.array_equal(np.array(gray, np.float32).reshape(256, 256), expected)
+        const rgba = await m.decodeRgba(bytes, via);
+        return {via: rgba.via, rgba: Array.from(rgba.data), gray: Array.from(m.toGray(rgba))}; }""", [every_alpha, "webgl"])
+    assert decoded["via"] == "webgl", "Chromium gave no WebGL context: the page decodes through the 2D canvas"
+    assert np.array_equal(np.array(decoded["rgba"], np.uint8).reshape(rgba.shape), rgba)
+    expected_gray = _to_gray(Image.open(io.BytesIO(encode_image(rgba))))
+    assert np.array_equal(np.array(decoded["gray"], np.float32).reshape(256, 256), expected_gray)
+    fallback = page.evaluate("""async ([b64, via]) => {
+        const m = await import('/preprocessing.js');
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        return Array.from(m.toGray(await m.decodeRgba(bytes, via))); }""", [every_alpha, "2d"])
+    assert np.array_equal(np.array(fallback, np.float32).reshape(256, 256), expected_gray)
 
     spec = InputSpec.from_bundle(artifacts.bundle)
-    worst = 0.0
+    assert spec.framing, "bundle.json records no framing recipe: the framed paths go untested"
+    worst, framed = 0.0, 0
     for what, data in odd_images(fashion_test_set).items():
-        page_input = page.evaluate("""async ([b64, bundle]) => {
-            const m = await import('/preprocessing.js');
-            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-            return Array.from((await m.preprocess(bytes, m.specFromBundle(bundle))).input); }""",
-                                   [base64.b64encode(data).decode(), artifacts.bundle])
-        difference = np.abs(np.array(page_input, np.float32) - preprocess(data, spec).ravel()).max()
+        out = page.evaluate(JS_PREPROCESS, [base64.b64encode(data).decode(), artifacts.bundle, "webgl"])
+        python_input, python_report = preprocess_framed(data, spec)
+        assert out["framing"]["applied"] == python_report["applied"], f"{what}: {out['framing']} vs {python_report}"
+        for key in ("inverted", "box", "ink_from"):
+            assert out["framing"].get(key) == python_report.get(key), f"{what}: {out['framing']} vs {python_report}"
+        difference = float(np.abs(np.array(out["input"], np.float32) - python_input.ravel()).max())
         assert difference <= 1e-5, f"{what}: the page's input differs from Python's by {difference:.1e}"
-        worst = max(worst, float(difference))
-    report(f"web: preprocessing.js vs contract/preprocessing.py: luminance identical over 65,536 "
-           f"colour/alpha pairs; model input max |dx| {worst:.1e} over {len(odd_images(fashion_test_set))} resized/converted PNGs")
+        worst, framed = max(worst, difference), framed + python_report["applied"]
+    assert framed >= 5, f"only {framed} inputs were framed: the framing port is hardly exercised"
+    report(f"web: preprocessing.js vs contract/preprocessing.py: RGBA and luminance identical over 65,536 "
+           f"colour/alpha pairs; model input max |dx| {worst:.1e} over {len(odd_images(fashion_test_set))} "
+           f"converted, resized or framed ({framed}) images")
 
 
 def draw(page, strokes):

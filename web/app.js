@@ -103,16 +103,24 @@ async function askServer(bytes, browserProbabilities) {
   $("agreement").textContent = `max |dp| ${maxDiff.toExponential(1)}, ${same ? "same" : "DIFFERENT"} class`;
 }
 
+function describeFraming(report) {
+  if (!report.applied) return `not framed (${report.reason})`;
+  const [, , w, h] = report.box;
+  return `framed like ${report.recipe}: ${w}x${h} object${report.inverted ? ", light background inverted" : ""}` +
+    `${report.ink_from === "alpha" ? ", ink from transparency" : ""}`;
+}
+
 async function classify(bytes) {
   if (!model) return;
   $("error").hidden = true;
   const started = performance.now();
   try {
-    const { input, seen } = await preprocess(bytes, model.spec);
+    const { input, seen, framing } = await preprocess(bytes, model.spec);
     const probabilities = await run(input);
     showAnswer($("prediction"), $("bars"), probabilities);
     showSeen(seen);
-    $("timing").textContent = `preprocessing and inference: ${(performance.now() - started).toFixed(1)} ms`;
+    $("timing").textContent = `${describeFraming(framing)}; preprocessing and inference: ` +
+      `${(performance.now() - started).toFixed(1)} ms`;
     document.body.dataset.firstPredictionMs ??= performance.now().toFixed(0);
     if (lastInputUrl) URL.revokeObjectURL(lastInputUrl);
     lastInputUrl = URL.createObjectURL(new Blob([bytes]));

@@ -28,7 +28,7 @@ WEB_DIR = Path(__file__).resolve().parent
 ORT_DIST = WEB_DIR / "node_modules" / "onnxruntime-web" / "dist"
 MODEL_FILE = "model.onnx"
 PAGE_FILES = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js",
-              "/preprocessing.js": "preprocessing.js", "/style.css": "style.css"}
+              "/preprocessing.js": "preprocessing.js", "/framing.js": "framing.js", "/style.css": "style.css"}
 # The WASM-only build and the single-threaded-capable runtime it loads (no WebGPU, no WebGL).
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
