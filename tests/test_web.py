@@ -83,15 +83,23 @@ def reference(artifacts):
     return lambda data: np.exp(run_log_probs(session, preprocess(data, spec)))[0]
 
 
-def page_answer(page, selector=PREDICTION):
-    element = page.wait_for_selector(selector, timeout=30_000)
+def inputs_so_far(page) -> int:
+    """How many inputs (strokes, files, clears) the page has numbered."""
+    return int(page.evaluate("document.body.dataset.inputs || '0'"))
+
+
+def page_answer(page, input_number: int, selector=PREDICTION):
+    """The answer the page shows for its input number `input_number`, once shown."""
+    element = page.wait_for_selector(f'{selector}[data-input="{input_number}"]', timeout=30_000)
     return int(element.get_attribute("data-label")), np.array(json.loads(element.get_attribute("data-probabilities")))
 
 
 def give_file(page, data: bytes, name: str = "image.png"):
+    """Clear, then choose a file: answers input number n + 2."""
+    expected = inputs_so_far(page) + 2
     page.click('[data-testid="clear"]')
     page.set_input_files('[data-testid="file-input"]', files=[{"name": name, "mimeType": "image/png", "buffer": data}])
-    return page_answer(page)
+    return page_answer(page, expected)
 
 
 def assert_same_answer(page_probs, python_probs, what):
@@ -151,6 +159,7 @@ def test_dropped_test_images_match_python_onnxruntime(page, reference, test_pngs
         correct += label == labels[i]
     assert correct >= 28, f"only {correct} of 40 test images classified right in the page"
     # the drop area takes the same path as the file input
+    expected = inputs_so_far(page) + 2
     page.click('[data-testid="clear"]')
     transfer = page.evaluate_handle("""(b64) => {
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
@@ -158,7 +167,7 @@ def test_dropped_test_images_match_python_onnxruntime(page, reference, test_pngs
         transfer.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
         return transfer; }""", base64.b64encode(pngs[40]).decode())
     page.dispatch_event('[data-testid="drop"]', "drop", {"dataTransfer": transfer})
-    worst = max(worst, assert_same_answer(page_answer(page)[1], reference(pngs[40]), "dropped image"))
+    worst = max(worst, assert_same_answer(page_answer(page, expected)[1], reference(pngs[40]), "dropped image"))
     report(f"web: 41 real test PNGs through the page, max |dp| vs Python onnxruntime {worst:.1e}")
 
 
@@ -221,7 +230,9 @@ def test_preprocessing_module_matches_python(page, artifacts, fashion_test_set):
 
 
 def draw(page, strokes):
-    """Mouse strokes on the canvas; each stroke is a list of (x, y) in 0..1 of its size."""
+    """Clear, then mouse strokes on the canvas (each a list of (x, y) in 0..1 of its size); the
+    page answers each stroke: return the answer to the last, input number n + 1 + strokes."""
+    expected = inputs_so_far(page) + 1 + len(strokes)
     page.click('[data-testid="clear"]')
     box = page.locator('[data-testid="canvas"]').bounding_box()
     for stroke in strokes:
@@ -229,9 +240,9 @@ def draw(page, strokes):
         page.mouse.move(*points[0])
         page.mouse.down()
         for point in points[1:]:
-            page.mouse.move(*point, steps=8)
+            page.mouse.move(*point, steps=4)
         page.mouse.up()
-    return page_answer(page)
+    return page_answer(page, expected), expected
 
 
 def drawn_bytes(page) -> bytes:
@@ -243,18 +254,24 @@ def drawn_bytes(page) -> bytes:
     return base64.b64decode(b64)
 
 
-# Shapes a person would draw for a few Fashion-MNIST classes, light on the black canvas.
+def filled(x0, y0, x1, y1, step=0.03):
+    """One zigzag stroke that fills a rectangle (coordinates in 0..1 of the canvas)."""
+    columns = np.arange(x0, x1 + 1e-9, step)
+    return [[point for i, x in enumerate(columns) for point in (((x, y0), (x, y1)) if i % 2 == 0 else ((x, y1), (x, y0)))]]
+
+
+# Shapes a person would draw for a few Fashion-MNIST classes, light on the black canvas; framing
+# crops and scales them like the data set's product photos.
 SHAPES = {
-    "Trouser": [[(0.38, 0.1), (0.3, 0.9)], [(0.62, 0.1), (0.7, 0.9)], [(0.38, 0.1), (0.62, 0.1)],
-                [(0.5, 0.12), (0.5, 0.4)]],
-    "Bag": [[(0.15, 0.35), (0.85, 0.35), (0.85, 0.85), (0.15, 0.85), (0.15, 0.35)],
-            [(0.35, 0.35), (0.35, 0.15), (0.65, 0.15), (0.65, 0.35)]],
+    "Trouser": filled(0.28, 0.1, 0.42, 0.9) + filled(0.58, 0.1, 0.72, 0.9) + filled(0.28, 0.1, 0.72, 0.2),
+    "Bag": filled(0.15, 0.4, 0.85, 0.85, 0.04) + [[(0.35, 0.4), (0.35, 0.15), (0.65, 0.15), (0.65, 0.4)]],
+    "T-shirt/top": filled(0.3, 0.2, 0.7, 0.85, 0.04) + filled(0.1, 0.2, 0.3, 0.4, 0.04) + filled(0.7, 0.2, 0.9, 0.4, 0.04),
 }
 
 
 @pytest.mark.parametrize("expected", sorted(SHAPES))
 def test_drawn_shapes(page, reference, artifacts, expected):
-    label, probabilities = draw(page, SHAPES[expected])
+    (label, probabilities), _ = draw(page, SHAPES[expected])
     drawing = drawn_bytes(page)
     assert Image.open(io.BytesIO(drawing)).size == (280, 280)
     assert_same_answer(probabilities, reference(drawing), f"drawn {expected}")
@@ -272,9 +289,13 @@ def test_server_answer_beside_the_browser_and_key_stays_on_the_server(browser, w
     page.check('[data-testid="ask-server"]')
     png = test_pngs[0][7]
     _, browser_probs = give_file(page, png, "ask-server.png")
-    server_label, server_probs = page_answer(page, '[data-testid="server-prediction"][data-label]')
-    assert_same_answer(server_probs, browser_probs, "TorchServe beside the page")
+    _, server_probs = page_answer(page, inputs_so_far(page), '[data-testid="server-prediction"]')
+    assert_same_answer(server_probs, browser_probs, "TorchServe beside the page, on a test image")
     assert "same class" in page.inner_text('[data-testid="agreement"]')
+    # a drawing: framed by framing.js in the page and by contract/framing.py in the handler
+    (_, drawn_probs), drawing = draw(page, SHAPES["Trouser"])
+    _, server_drawn_probs = page_answer(page, drawing, '[data-testid="server-prediction"]')
+    assert_same_answer(server_drawn_probs, drawn_probs, "TorchServe beside the page, on a drawing")
 
     key = server.key("inference")
     seen = [(r.url, r.all_headers(), r.body()) for r in bodies]

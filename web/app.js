@@ -2,8 +2,9 @@
 //
 // Hooks for tests (tests/test_web.py): data-testid="canvas", "clear", "file-input", and
 // "prediction", which carries data-label and data-probabilities (a JSON array in class order)
-// once a prediction is shown. document.body.dataset.modelReadyMs / firstPredictionMs record the
-// milliseconds from navigation start.
+// once a prediction is shown, and data-input, the number of the input it answers (document.body
+// .dataset.inputs counts the inputs: strokes, files, clears). document.body.dataset.modelReadyMs
+// and firstPredictionMs record the milliseconds from navigation start.
 import * as ort from "/ort/ort.wasm.min.mjs";
 import { InvalidInput, preprocess, specFromBundle } from "/preprocessing.js";
 
@@ -18,6 +19,15 @@ const canvas = $("canvas");
 const pen = canvas.getContext("2d");
 let model = null; // { session, inputName, bundle, spec }
 let lastInputUrl = null;
+// Every input (a stroke, a file, a clear) gets a number; an answer is shown only while its input
+// is the latest, so a slow answer never overwrites a newer one (data-input says which it is).
+let latestInput = 0;
+
+function nextInput() {
+  latestInput += 1;
+  document.body.dataset.inputs = String(latestInput);
+  return latestInput;
+}
 
 function showError(message) {
   $("error").textContent = message;
@@ -50,12 +60,13 @@ function argmax(values) {
   return values.reduce((best, v, i) => (v > values[best] ? i : best), 0);
 }
 
-function showAnswer(element, barsElement, probabilities) {
+function showAnswer(element, barsElement, probabilities, input) {
   const classes = model.bundle.classes;
   const label = argmax(probabilities);
   element.textContent = `${classes[label]} (${label}), ${(100 * probabilities[label]).toFixed(1)}%`;
   element.dataset.label = String(label);
   element.dataset.probabilities = JSON.stringify(probabilities);
+  element.dataset.input = String(input);
   barsElement.replaceChildren(...probabilities.flatMap((p, i) => {
     const name = document.createElement("span");
     name.textContent = classes[i];
@@ -73,6 +84,7 @@ function showAnswer(element, barsElement, probabilities) {
 function clearAnswer(element, barsElement) {
   delete element.dataset.label;
   delete element.dataset.probabilities;
+  delete element.dataset.input;
   element.textContent = "";
   barsElement.replaceChildren();
 }
@@ -84,7 +96,7 @@ function showSeen(seen) {
   $("seen").getContext("2d").putImageData(image, 0, 0);
 }
 
-async function askServer(bytes, browserProbabilities) {
+async function askServer(bytes, browserProbabilities, input) {
   $("server-answer").hidden = false;
   clearAnswer($("server-prediction"), $("server-bars"));
   $("server-prediction").textContent = "asking…";
@@ -93,11 +105,12 @@ async function askServer(bytes, browserProbabilities) {
     method: "POST", body: bytes, headers: { "Content-Type": "application/octet-stream" },
   });
   const answer = await response.json();
+  if (input !== latestInput) return;
   if (!response.ok) {
     $("server-prediction").textContent = `HTTP ${response.status}: ${answer.error}`;
     return;
   }
-  showAnswer($("server-prediction"), $("server-bars"), answer.probabilities);
+  showAnswer($("server-prediction"), $("server-bars"), answer.probabilities, input);
   const maxDiff = Math.max(...answer.probabilities.map((p, i) => Math.abs(p - browserProbabilities[i])));
   const same = answer.label === argmax(browserProbabilities);
   $("agreement").textContent = `max |dp| ${maxDiff.toExponential(1)}, ${same ? "same" : "DIFFERENT"} class`;
@@ -110,14 +123,15 @@ function describeFraming(report) {
     `${report.ink_from === "alpha" ? ", ink from transparency" : ""}`;
 }
 
-async function classify(bytes) {
+async function classify(bytes, input) {
   if (!model) return;
-  $("error").hidden = true;
   const started = performance.now();
   try {
-    const { input, seen, framing } = await preprocess(bytes, model.spec);
-    const probabilities = await run(input);
-    showAnswer($("prediction"), $("bars"), probabilities);
+    const { input: tensor, seen, framing } = await preprocess(bytes, model.spec);
+    const probabilities = await run(tensor);
+    if (input !== latestInput) return;
+    $("error").hidden = true;
+    showAnswer($("prediction"), $("bars"), probabilities, input);
     showSeen(seen);
     $("timing").textContent = `${describeFraming(framing)}; preprocessing and inference: ` +
       `${(performance.now() - started).toFixed(1)} ms`;
@@ -125,8 +139,9 @@ async function classify(bytes) {
     if (lastInputUrl) URL.revokeObjectURL(lastInputUrl);
     lastInputUrl = URL.createObjectURL(new Blob([bytes]));
     Object.assign($("download"), { href: lastInputUrl, hidden: false });
-    if ($("ask-server").checked) await askServer(bytes, probabilities);
+    if ($("ask-server").checked) await askServer(bytes, probabilities, input);
   } catch (error) {
+    if (input !== latestInput) return;
     clearAnswer($("prediction"), $("bars"));
     $("prediction").textContent = "no answer";
     showError(error instanceof InvalidInput ? error.message : `unexpected error: ${error.message}`);
@@ -135,9 +150,9 @@ async function classify(bytes) {
 
 // The drawing goes through the same path as a file: PNG bytes, decoded and preprocessed, so the
 // server (and the tests) can be given exactly what the browser classified.
-async function classifyDrawing() {
+async function classifyDrawing(input) {
   const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
-  await classify(new Uint8Array(await blob.arrayBuffer()));
+  await classify(new Uint8Array(await blob.arrayBuffer()), input);
 }
 
 function clearCanvas() {
@@ -170,21 +185,28 @@ function setUpDrawing() {
   const finish = () => {
     if (!drawing) return;
     drawing = false;
-    classifyDrawing();
+    classifyDrawing(nextInput());
   };
   canvas.addEventListener("pointerup", finish);
   canvas.addEventListener("pointercancel", finish);
   $("clear").addEventListener("click", () => {
+    nextInput();
     clearCanvas();
+    $("file-input").value = ""; // choosing the same file again must classify it again
     clearAnswer($("prediction"), $("bars"));
     $("prediction").textContent = "Draw something";
+    clearAnswer($("server-prediction"), $("server-bars"));
     $("server-answer").hidden = true;
     $("error").hidden = true;
   });
 }
 
 function setUpFiles() {
-  const classifyFile = async (file) => file && classify(new Uint8Array(await file.arrayBuffer()));
+  const classifyFile = async (file) => {
+    if (!file) return;
+    const input = nextInput();
+    classify(new Uint8Array(await file.arrayBuffer()), input);
+  };
   $("file-input").addEventListener("change", (event) => classifyFile(event.target.files[0]));
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => {
