@@ -23,7 +23,7 @@ from PIL import Image
 from contract import TOLERANCE
 from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, _to_gray, preprocess, preprocess_framed
-from tests.conftest import ROOT, encode_image, report
+from tests.conftest import ROOT, encode_image, report, run_module
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -112,8 +112,9 @@ def assert_same_answer(page_probs, python_probs, what):
 
 def odd_images(fashion_test_set):
     """Real test images in the forms people send, one for each path of the preprocessing:
-    other sizes, RGB, translucent RGBA, palette, 1-bit (fitted or framed), and photo-like and
-    drawing-like inputs that framing turns into the data set's form."""
+    other sizes, RGB, translucent RGBA, palette, 1-bit (fitted or framed), photo-like and
+    drawing-like inputs that framing turns into the data set's form, and JPEGs (Chromium and
+    Pillow both decode with libjpeg-turbo: the same pixels), one turned upright by its EXIF tag."""
     images = fashion_test_set.images[256:265].numpy()
     big = Image.fromarray(images[0]).resize((90, 60), Image.Resampling.BICUBIC)
     rgb = np.stack([images[1], images[1] // 2, 255 - images[1]], axis=-1).astype(np.uint8)
@@ -129,7 +130,17 @@ def odd_images(fashion_test_set):
         "photo-like 120x90": photo_like(images[6]),
         "transparent drawing 140x140": transparent_drawing(images[7], (0, 0, 0)),
         "coloured translucent drawing 100x100": transparent_drawing(images[8], (200, 40, 90), size=100),
+        "JPEG RGB 112x112": encode_image(Image.fromarray(rgb).resize((112, 112)), "JPEG", quality=90),
+        "JPEG phone photo, EXIF orientation 6": phone_photo(photo_like(images[6])),
     }
+
+
+def phone_photo(png: bytes) -> bytes:
+    """A JPEG whose pixels lie on their side, with the EXIF tag that says to turn them upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = Image.open(io.BytesIO(png)).convert("RGB").transpose(Image.Transpose.ROTATE_90)
+    return encode_image(sideways, "JPEG", quality=92, exif=exif)
 
 
 def photo_like(image28: np.ndarray) -> bytes:
@@ -176,7 +187,7 @@ def test_other_sizes_and_modes_match_python(page, reference, fashion_test_set):
     for what, data in odd_images(fashion_test_set).items():
         _, probabilities = give_file(page, data, "odd.png")
         worst = max(worst, assert_same_answer(probabilities, reference(data), what))
-    report(f"web: resized, RGB, RGBA, palette, 1-bit, photo-like and transparent PNGs, max |dp| vs Python onnxruntime {worst:.1e}")
+    report(f"web: resized, RGB, RGBA, palette, 1-bit, photo-like, transparent and JPEG images, max |dp| vs Python onnxruntime {worst:.1e}")
 
 
 JS_PREPROCESS = """async ([b64, bundle, via]) => {
@@ -370,3 +381,10 @@ def test_page_works_offline_weight_and_time_to_first_prediction(browser, web, te
            f"{(total - wasm - model) / 1e3:.0f} kB page, JS and bundle.json); model ready {model_ready_ms:.0f} ms after "
            f"navigation ({ready_s:.2f} s from goto), first prediction {first_s * 1000:.0f} ms after the file was given "
            "(headless Chromium, this host)")
+
+
+def test_web_refuses_other_interfaces_and_says_what_is_missing(tmp_path, artifacts):
+    exposed = run_module("web", "--host", "0.0.0.0", "--build", str(artifacts.build_dir), check=False, timeout=60)
+    assert exposed.returncode != 0 and "not a loopback address" in exposed.stderr
+    no_model = run_module("web", "--port", "0", "--build", str(tmp_path), check=False, timeout=60)
+    assert no_model.returncode != 0 and "make export" in no_model.stderr
