@@ -133,8 +133,9 @@ async function classify(bytes, input) {
     $("error").hidden = true;
     showAnswer($("prediction"), $("bars"), probabilities, input);
     showSeen(seen);
-    $("timing").textContent = `${describeFraming(framing)}; preprocessing and inference: ` +
-      `${(performance.now() - started).toFixed(1)} ms`;
+    const milliseconds = performance.now() - started;
+    $("timing").textContent = `${describeFraming(framing)}; preprocessing and inference: ${milliseconds.toFixed(1)} ms`;
+    $("timing").dataset.ms = milliseconds.toFixed(1);
     document.body.dataset.firstPredictionMs ??= performance.now().toFixed(0);
     if (lastInputUrl) URL.revokeObjectURL(lastInputUrl);
     lastInputUrl = URL.createObjectURL(new Blob([bytes]));
