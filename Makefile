@@ -47,7 +47,7 @@ edge: install  ## classify IMG=paths (files or directories) with onnxruntime alo
 	@test -n "$(IMG)" || { echo "usage: make edge IMG=build/samples"; exit 2; }
 	$(PYTHON) -m edge $(IMG) --timing
 
-web: install  ## the draw-or-drop page on http://127.0.0.1:$(PORT)/ (PORT=...): build/model.onnx in the browser
+web: install  ## the draw-or-drop page on http://127.0.0.1:8090/ (PORT=...): build/model.onnx in the browser
 	$(PYTHON) -m web --port $(PORT)
 
 serve: install  ## start TorchServe from the root with config.properties; returns when READY
