@@ -293,6 +293,23 @@ def test_drawn_shapes(page, reference, artifacts, expected):
     assert max(seen) > 200, "the 28x28 view shows nothing of the drawing"
 
 
+def test_a_finger_draws_too(browser, web):
+    """Touch goes through the same pointer events as the mouse: a tap leaves a dot and is classified."""
+    context = browser.new_context(has_touch=True)
+    page = context.new_page()
+    page.goto(web)
+    page.wait_for_selector('[data-testid="status"][data-ready]', timeout=60_000)
+    box = page.locator('[data-testid="canvas"]').bounding_box()
+    page.click('[data-testid="clear"]')  # the dot must be light after a clear too
+    page.touchscreen.tap(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    label, probabilities = page_answer(page, 2)
+    assert label in range(10) and abs(probabilities.sum() - 1) < 1e-4
+    center = page.evaluate("""() => Array.from(document.querySelector('[data-testid=canvas]')
+        .getContext('2d').getImageData(140, 140, 1, 1).data)""")
+    assert center[:3] == [255, 255, 255], "the tap left no dot on the canvas"
+    context.close()
+
+
 def test_server_answer_beside_the_browser_and_key_stays_on_the_server(browser, web, reference, server, test_pngs):
     page = open_page(browser, web)
     bodies = []

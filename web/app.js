@@ -157,13 +157,15 @@ async function classifyDrawing(input) {
 }
 
 function clearCanvas() {
+  pen.save();
   pen.fillStyle = "#000"; // light strokes on black, as in the training data
   pen.fillRect(0, 0, canvas.width, canvas.height);
+  pen.restore();
 }
 
 function setUpDrawing() {
   clearCanvas();
-  Object.assign(pen, { strokeStyle: "#fff", lineWidth: BRUSH_WIDTH, lineCap: "round", lineJoin: "round" });
+  Object.assign(pen, { strokeStyle: "#fff", fillStyle: "#fff", lineWidth: BRUSH_WIDTH, lineCap: "round", lineJoin: "round" });
   let drawing = false;
   const point = (event) => {
     const box = canvas.getBoundingClientRect();
@@ -173,10 +175,12 @@ function setUpDrawing() {
   canvas.addEventListener("pointerdown", (event) => {
     drawing = true;
     canvas.setPointerCapture(event.pointerId);
+    const [x, y] = point(event);
+    pen.beginPath(); // a tap leaves a dot (Chromium strokes nothing for a zero-length line)
+    pen.arc(x, y, BRUSH_WIDTH / 2, 0, 2 * Math.PI);
+    pen.fill();
     pen.beginPath();
-    pen.moveTo(...point(event));
-    pen.lineTo(...point(event)); // a tap leaves a dot
-    pen.stroke();
+    pen.moveTo(x, y);
   });
   canvas.addEventListener("pointermove", (event) => {
     if (!drawing) return;
