@@ -27,6 +27,12 @@ FORMS = ("dataset", "paper", "canvas", "phone")
 PAPER_SIZES = ((320, 240), (400, 300), (640, 480))  # (width, height)
 CANVAS_SIZES = (280, 200)
 EXIF_ORIENTATION = 0x0112
+DESCRIPTIONS = {
+    "dataset": "28 x 28 grey PNG, light on black (the data set's form)",
+    "paper": "paper photo: dark on light, off-centre, 320 x 240 to 640 x 480 JPEG",
+    "canvas": "canvas: black strokes on a transparent 200 x 200 or 280 x 280 PNG",
+    "phone": "phone photo: stored sideways, EXIF Orientation 6, JPEG",
+}
 
 
 def make_input(image: np.ndarray, form: str, seed: int, index: int) -> bytes:
@@ -115,12 +121,85 @@ def accuracy_by_form(build_dir: Path, images: np.ndarray, labels: np.ndarray, se
     return table
 
 
+def framing_report(build_dir: Path, data_dir: Path, count: int = 1000, seed: int = 0) -> dict:
+    """The hook for `make bench`: accuracy of each form with framing off and auto, for the data set
+    the model in build_dir was trained on (its test set must be under data_dir)."""
+    from contract.bundle import load_bundle
+
+    dataset = load_bundle(Path(build_dir))["dataset"]
+    images, labels = test_set(Path(data_dir), dataset, count)
+    off = accuracy_by_form(build_dir, images, labels, seed, "off")
+    auto = accuracy_by_form(build_dir, images, labels, seed, "auto")
+    return {"dataset": dataset, "images": len(images), "seed": seed, "runtime": "onnxruntime CPU, 1 thread",
+            "forms": {form: {"framing_off": off[form], "framing_auto": auto[form],
+                             "points_below_dataset_form": 100 * (auto["dataset"] - auto[form])}
+                      for form in FORMS}}
+
+
+def markdown_table(report: dict) -> str:
+    lines = [f"{report['dataset']}, first {report['images']} test images, seed {report['seed']}, "
+             f"{report['runtime']}", "",
+             "| the same test images, sent as | framing off | framing auto (default) |", "| --- | --- | --- |"]
+    for form, row in report["forms"].items():
+        lines.append(f"| {DESCRIPTIONS[form]} | {100 * row['framing_off']:.1f}% | {100 * row['framing_auto']:.1f}% |")
+    return "\n".join(lines)
+
+
 def test_set(data_dir: Path, dataset: str, count: int):
     """The first `count` test images (uint8, N x 28 x 28) and labels of `dataset`."""
     from train.data import ensure_dataset, load_split
 
     split = load_split(ensure_dataset(dataset, data_dir, allow_download=False), data_dir, train=False)
     return split.images[:count].numpy(), split.labels[:count].numpy()
+
+
+def framed_view(data: bytes, spec) -> np.ndarray:
+    """What the model sees for these bytes, back in 0..255 (normalization undone)."""
+    from contract.preprocessing import preprocess
+
+    x = preprocess(data, spec)[0, 0]
+    return np.clip((x * spec.std[0] + spec.mean[0]) * 255.0, 0, 255)
+
+
+def sent_view(data: bytes) -> Image.Image:
+    """The file as a viewer shows it (stored pixels; transparency over a light grey checkerboard)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    checks = ((np.indices(image.size[::-1]) // 10).sum(0) % 2) * 30 + 200
+    board = Image.fromarray(np.repeat(checks[..., None], 3, 2).astype(np.uint8)).convert("RGBA")
+    return Image.alpha_composite(board, image).convert("RGB")
+
+
+def write_figure(path: Path, bundle: dict, images: np.ndarray, seed: int = 0, indices=(0, 1, 2, 3)) -> None:
+    """Rows: test images; per form, the file as sent and what the model sees after framing."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from contract.preprocessing import InputSpec
+
+    spec = InputSpec.from_bundle(bundle)
+    forms = ("paper", "canvas", "phone")
+    fig, axes = plt.subplots(len(indices), 1 + 2 * len(forms), figsize=(2 * (1 + 2 * len(forms)), 2.1 * len(indices)))
+    for row, index in enumerate(indices):
+        cells = [("data set (28x28)", images[index])]
+        for form in forms:
+            data = make_input(images[index], form, seed, index)
+            sent = sent_view(data)
+            cells += [(f"{form} as sent {sent.width}x{sent.height}", sent), (f"{form} framed", framed_view(data, spec))]
+        for col, (title, picture) in enumerate(cells):
+            ax = axes[row, col]
+            ax.imshow(picture, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title.replace(" as sent", "\nas sent").replace(" framed", "\nframed"), fontsize=9)
+    fig.suptitle(f"{bundle['dataset']} test images sent as people send them, and what the model sees "
+                 "after framing (bundle.json's recipe)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -137,6 +216,10 @@ def main(argv=None) -> None:
 
     bundle = load_bundle(args.build)
     images, labels = test_set(args.data_dir, bundle["dataset"], args.count)
+    if args.figure:
+        write_figure(args.figure, bundle, images, args.seed)
+        print(f"wrote {args.figure}")
+        return
     if args.write:
         for form in FORMS:
             for i, img in enumerate(images):
@@ -144,12 +227,7 @@ def main(argv=None) -> None:
                 path = args.write / form / f"{i:04d}-{int(labels[i])}.{ext}"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(make_input(img, form, args.seed, i))
-    print(f"{bundle['dataset']}, {len(images)} test images, seed {args.seed}, onnxruntime CPU 1 thread")
-    off = accuracy_by_form(args.build, images, labels, args.seed, "off")
-    auto = accuracy_by_form(args.build, images, labels, args.seed, "auto")
-    print("| form | framing off | framing auto |\n| --- | --- | --- |")
-    for form in FORMS:
-        print(f"| {form} | {100 * off[form]:.1f}% | {100 * auto[form]:.1f}% |")
+    print(markdown_table(framing_report(args.build, args.data_dir, args.count, args.seed)))
 
 
 if __name__ == "__main__":

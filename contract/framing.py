@@ -15,7 +15,8 @@ applied (`upright`). Steps, in order:
    export with black strokes on transparent pixels thus reads as black ink on white paper,
    whatever the stroke colour. Fully transparent (sum(A) == 0): nothing to frame.
 2. Background polarity. The border ring is the outermost row and column on each side (every
-   pixel with row 0 or H-1 or column 0 or W-1, each counted once). If the median of the ring
+   pixel with row 0 or H-1 or column 0 or W-1, each counted once; the whole image when H or W
+   is 2 or less). If the median of the ring
    (the mean of the two middle values for an even count) is above 127.5 the background is light:
    L = 255 - L.
 3. Background level, a plane from the four sides' medians: mt, mb, ml, mr = medians of the top

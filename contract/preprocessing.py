@@ -4,9 +4,10 @@ numpy + Pillow only (no torch), so the TorchServe handler, the edge predictor, e
 and the tests all run the same code. Accepted bodies:
 
 - image bytes: PNG, JPEG, BMP, GIF, WebP, TIFF, ...; any size; any mode (1, L, P, RGB, RGBA, LA,
-  I;16, I, F, CMYK, ...). Colour becomes luminance (ITU-R 601-2, Pillow's "L"); transparency is
-  composited over black (the background of MNIST-style images); 16-bit values are scaled to
-  0..255; a non-square image is padded with black to a square, then resized to H x W.
+  I;16, I, F, CMYK, ...). Colour becomes luminance (ITU-R 601-2, Pillow's "L"); 16-bit values
+  are scaled to 0..255. Unframed (framing off, no recipe, nothing found to frame): transparency
+  is composited over black (the background of MNIST-style images) and a non-square image is
+  padded with black to a square, then resized to H x W.
 - JSON {"image": "<base64 of image bytes>"} (a "data:image/...;base64," prefix is allowed);
 - JSON {"pixels": [[H rows of W numbers in 0..255]]}: a light object on a dark background, as in
   MNIST.

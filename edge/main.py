@@ -19,7 +19,8 @@ from contract import responses
 from contract.bundle import BUNDLE_FILE, BundleError, load_bundle
 from contract.onnx_session import (ModelMismatch, ProviderUnavailable, check_model_matches_bundle,
                                    open_session)
-from contract.preprocessing import InputSpec, InvalidInput, preprocess
+from contract.framing import MODES
+from contract.preprocessing import InputSpec, InvalidInput, preprocess_framed
 
 
 def image_paths(arguments: list[str]) -> list[Path]:
@@ -42,6 +43,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (onnxruntime-gpu)")
+    p.add_argument("--framing", choices=MODES, default="auto",
+                   help="frame photos and drawings the way the data set was made (bundle.json's "
+                        "recipe): auto (unless already in the data set's form), on, off")
     args = p.parse_args(argv)
 
     if not args.model.is_file():
@@ -59,10 +63,12 @@ def main(argv=None) -> None:
     if args.timing:  # the first run allocates and plans: keep it out of the figure
         session.run(None, {input_name: np.zeros((1, spec.channels, spec.height, spec.width), np.float32)})
     for start in range(0, len(paths), args.batch_size):
-        arrays, batch_paths = [], []
+        arrays, batch_paths, framings = [], [], []
         for path in paths[start:start + args.batch_size]:
             try:
-                arrays.append(preprocess(path.read_bytes(), spec))
+                array, framed = preprocess_framed(path.read_bytes(), spec, args.framing)
+                arrays.append(array)
+                framings.append(framed)
                 batch_paths.append(path)
             except (InvalidInput, OSError) as error:
                 results[str(path)] = responses.error(str(error), getattr(error, "status", 400))
@@ -72,8 +78,8 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         log_probs = session.run(None, {input_name: np.concatenate(arrays)})[0]
         seconds += time.perf_counter() - started
-        for path, row in zip(batch_paths, np.exp(log_probs)):
-            results[str(path)] = responses.prediction(row, classes)
+        for path, row, framed in zip(batch_paths, np.exp(log_probs), framings):
+            results[str(path)] = responses.prediction(row, classes, framed)
 
     results = {str(path): results[str(path)] for path in paths}  # in the order given
     if args.json:
@@ -83,8 +89,9 @@ def main(argv=None) -> None:
             if "error" in answer:
                 print(f"{path}: error: {answer['error']}")
             else:
+                framed = " framed" if answer["framing"]["applied"] else ""
                 print(f"{path}: {answer['class']} (label {answer['label']}, "
-                      f"p={answer['probabilities'][answer['label']]:.4f})")
+                      f"p={answer['probabilities'][answer['label']]:.4f}){framed}")
     classified = len(paths) - failed
     if args.timing and classified:
         print(f"[edge] {classified} images in {seconds * 1e3:.2f} ms of onnxruntime time: "

@@ -23,7 +23,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from contract import responses
 from contract.bundle import BUNDLE_FILE, BundleError, load_bundle, verify_file
-from contract.preprocessing import InputSpec, InvalidInput, preprocess
+from contract.preprocessing import InputSpec, InvalidInput, preprocess_framed
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,17 @@ def configure_tf32(allow: bool) -> None:
     torch.backends.cudnn.allow_tf32 = allow
     torch.backends.cuda.matmul.allow_tf32 = allow
     torch.set_float32_matmul_precision("high" if allow else "highest")
+
+
+FRAMING_HEADER = "X-Framing"  # auto | on | off; also ?framing=... and a JSON body's "framing"
+
+
+def framing_choice(row, header: str | None):
+    """A request's framing choice: the X-Framing header, else the ?framing= query parameter
+    (TorchServe hands query parameters to the handler beside the body), else None (auto)."""
+    if header:
+        return header
+    return row.get("framing") if isinstance(row, dict) else None
 
 
 def request_body(row, content_type: str = ""):
@@ -58,8 +69,9 @@ def request_body(row, content_type: str = ""):
 
 class MnistHandler(BaseHandler):
     # TorchServe takes the handler module's only class as the entry point: batches travel
-    # between the steps as (images, errors) tuples. images: (n_valid, C, H, W) on the model's
-    # device, or None; errors: one slot per request, None where the request is valid.
+    # between the steps as (images, errors, framings) tuples. images: (n_valid, C, H, W) on the
+    # model's device, or None; errors: one slot per request, None where the request is valid;
+    # framings: one slot per request, what framing did (None for an error).
 
     def initialize(self, context):
         properties = context.system_properties
@@ -98,30 +110,35 @@ class MnistHandler(BaseHandler):
         return self.postprocess(self.inference(self.preprocess(data)))
 
     def preprocess(self, data):
-        arrays, errors = [], []
+        arrays, errors, framings = [], [], []
         for idx, row in enumerate(data):
             content_type = self.context.get_request_header(idx, "Content-Type") or ""
+            framing = framing_choice(row, self.context.get_request_header(idx, FRAMING_HEADER))
             try:
-                arrays.append(preprocess(request_body(row, content_type), self.spec))
+                array, framed = preprocess_framed(request_body(row, content_type), self.spec, framing)
+                arrays.append(array)
                 errors.append(None)
+                framings.append(framed)
             except InvalidInput as error:
                 errors.append(error)
+                framings.append(None)
             except Exception:  # a decoder bug must not fail the other requests of the batch
                 logger.exception("unexpected error while decoding a request")
                 errors.append(InvalidInput("the server could not decode this request", 500))
+                framings.append(None)
         images = torch.from_numpy(np.concatenate(arrays)).to(self.device) if arrays else None
-        return images, errors
+        return images, errors, framings
 
     def inference(self, batch):
-        images, errors = batch
+        images, errors, framings = batch
         if images is None:
-            return None, errors
+            return None, errors, framings
         with torch.inference_mode():
             probabilities = self.model(images).exp().cpu().numpy()
-        return probabilities, errors
+        return probabilities, errors, framings
 
     def postprocess(self, result) -> list[str]:
-        probabilities, errors = result
+        probabilities, errors, framings = result
         answers, valid = [], 0
         batch_size = str(len(errors))
         for idx, error in enumerate(errors):
@@ -132,6 +149,7 @@ class MnistHandler(BaseHandler):
                 self.context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
                 answers.append(responses.dumps(error.to_response()))
                 continue
-            answers.append(responses.dumps(responses.prediction(probabilities[valid], self.classes)))
+            answers.append(responses.dumps(responses.prediction(probabilities[valid], self.classes,
+                                                                framings[idx])))
             valid += 1
         return answers

@@ -101,17 +101,20 @@ class Server:
 
     def predict(self, body: bytes, content_type: str = "application/octet-stream",
                 model: str = MODEL_NAME, session: requests.Session | None = None,
-                timeout: float = 30) -> requests.Response:
+                timeout: float = 30, headers: dict | None = None,
+                params: dict | None = None) -> requests.Response:
         """POST one request with the inference key, renewing the key once if it expired.
 
         The content type matters: a form type (urllib's and curl's default for POST data) makes
-        TorchServe parse the body as a form.
+        TorchServe parse the body as a form. `headers` and `params` (the query string) are sent
+        as given, e.g. {"X-Framing": "off"} or {"framing": "off"}.
         """
         post = (session or requests).post
         url = f"{self.inference_url}/predictions/{model}"
         for attempt in range(2):
-            headers = {"Authorization": f"Bearer {self.key('inference')}", "Content-Type": content_type}
-            response = post(url, data=body, headers=headers, timeout=timeout)
+            sent = {**(headers or {}), "Authorization": f"Bearer {self.key('inference')}",
+                    "Content-Type": content_type}
+            response = post(url, data=body, headers=sent, params=params, timeout=timeout)
             if response.status_code == 400 and "InvalidKeyException" in response.text and attempt == 0:
                 self.renew_key("inference")
                 continue

@@ -43,7 +43,7 @@ def test_predictor_runs_without_torch_and_matches_onnxruntime(artifacts, tmp_pat
     answers = json.loads(result.stdout)
     assert len(answers) == 100 and "us/image" in result.stderr
     first = answers[str(images / "000.png")]
-    assert set(first) == {"label", "class", "probabilities"}
+    assert set(first) == {"label", "class", "probabilities", "framing"} and not first["framing"]["applied"]
     expected, _ = runtimes.onnxruntime(artifacts.build_dir / "model.onnx",
                                        runtimes.preprocessed(pngs[:100], artifacts.bundle))
     got = np.array([answers[str(images / f"{i:03d}.png")]["probabilities"] for i in range(100)])

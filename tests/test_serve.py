@@ -23,7 +23,8 @@ def test_response_format(server, test_pngs, artifacts):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"label", "class", "probabilities"}
+    assert set(body) == {"label", "class", "probabilities", "framing"}
+    assert body["framing"] == {"mode": "auto", "applied": False, "reason": "already in the data set's form"}
     assert body["class"] == artifacts.bundle["classes"][body["label"]]
     p = body["probabilities"]
     assert len(p) == 10 and abs(sum(p) - 1) < 1e-5 and int(np.argmax(p)) == body["label"]
