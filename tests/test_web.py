@@ -77,10 +77,11 @@ def page(browser, web):
 
 @pytest.fixture(scope="module")
 def reference(artifacts):
-    """Python onnxruntime with the contract's preprocessing: image bytes -> probabilities."""
+    """Python onnxruntime with the contract's preprocessing: image bytes (and a framing choice)
+    -> probabilities."""
     session = open_session(str(artifacts.build_dir / "model.onnx"))
     spec = InputSpec.from_bundle(artifacts.bundle)
-    return lambda data: np.exp(run_log_probs(session, preprocess(data, spec)))[0]
+    return lambda data, framing=None: np.exp(run_log_probs(session, preprocess(data, spec, framing)))[0]
 
 
 def inputs_so_far(page) -> int:
@@ -188,6 +189,23 @@ def test_other_sizes_and_modes_match_python(page, reference, fashion_test_set):
         _, probabilities = give_file(page, data, "odd.png")
         worst = max(worst, assert_same_answer(probabilities, reference(data), what))
     report(f"web: resized, RGB, RGBA, palette, 1-bit, photo-like, transparent and JPEG images, max |dp| vs Python onnxruntime {worst:.1e}")
+
+
+def test_framing_choice_matches_python(page, reference, fashion_test_set, test_pngs):
+    """The page's framing choice (auto, on, off) gives Python's answer for the same choice."""
+    photo = photo_like(fashion_test_set.images[300].numpy())
+    answers = {}
+    try:
+        for mode in ("off", "on", "auto"):
+            page.select_option('[data-testid="framing"]', mode)
+            _, answers[mode] = give_file(page, photo, "photo.png")
+            assert_same_answer(answers[mode], reference(photo, mode), f"photo-like image, framing {mode}")
+        assert np.abs(answers["off"] - answers["auto"]).max() > 1e-3, "framing changed nothing on a photo"
+        page.select_option('[data-testid="framing"]', "on")
+        _, framed_test_image = give_file(page, test_pngs[0][5], "test.png")
+        assert_same_answer(framed_test_image, reference(test_pngs[0][5], "on"), "a test image, framing on")
+    finally:
+        page.select_option('[data-testid="framing"]', "auto")
 
 
 JS_PREPROCESS = """async ([b64, bundle, via]) => {
@@ -341,6 +359,9 @@ def test_proxy_refuses_other_sites_and_serves_only_the_page(web, server, test_pn
     png = test_pngs[0][0]
     ok = requests.post(web + "predict", data=png, headers={"Content-Type": "application/octet-stream"}, timeout=30)
     assert ok.status_code == 200 and ok.json()["label"] in range(10)
+    unframed = requests.post(web + "predict", data=png, timeout=30,
+                             headers={"Content-Type": "application/octet-stream", "X-Framing": "off"})
+    assert unframed.json()["framing"]["mode"] == "off", "the proxy did not pass the framing choice on"
     foreign = requests.post(web + "predict", data=png, timeout=30,
                             headers={"Origin": "http://evil.example", "Content-Type": "application/octet-stream"})
     assert foreign.status_code == 403 and "cross-origin" in foreign.json()["error"]

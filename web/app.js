@@ -19,6 +19,7 @@ const canvas = $("canvas");
 const pen = canvas.getContext("2d");
 let model = null; // { session, inputName, bundle, spec }
 let lastInputUrl = null;
+let lastBytes = null; // the latest input, classified again when the framing choice changes
 // Every input (a stroke, a file, a clear) gets a number; an answer is shown only while its input
 // is the latest, so a slow answer never overwrites a newer one (data-input says which it is).
 let latestInput = 0;
@@ -102,7 +103,8 @@ async function askServer(bytes, browserProbabilities, input) {
   $("server-prediction").textContent = "asking…";
   $("agreement").textContent = "";
   const response = await fetch("/predict", {
-    method: "POST", body: bytes, headers: { "Content-Type": "application/octet-stream" },
+    method: "POST", body: bytes,
+    headers: { "Content-Type": "application/octet-stream", "X-Framing": $("framing").value },
   });
   const answer = await response.json();
   if (input !== latestInput) return;
@@ -125,9 +127,10 @@ function describeFraming(report) {
 
 async function classify(bytes, input) {
   if (!model) return;
+  lastBytes = bytes;
   const started = performance.now();
   try {
-    const { input: tensor, seen, framing } = await preprocess(bytes, model.spec);
+    const { input: tensor, seen, framing } = await preprocess(bytes, model.spec, $("framing").value);
     const probabilities = await run(tensor);
     if (input !== latestInput) return;
     $("error").hidden = true;
@@ -206,6 +209,10 @@ function setUpDrawing() {
   });
 }
 
+function setUpFraming() {
+  $("framing").addEventListener("change", () => lastBytes && classify(lastBytes, nextInput()));
+}
+
 function setUpFiles() {
   const classifyFile = async (file) => {
     if (!file) return;
@@ -228,6 +235,7 @@ function setUpFiles() {
 
 setUpDrawing();
 setUpFiles();
+setUpFraming();
 try {
   model = await loadModel();
   document.body.dataset.modelReadyMs = performance.now().toFixed(0);

@@ -4,8 +4,9 @@ GET  /                    the page (web/index.html and its modules)
 GET  /ort/<file>          onnxruntime-web's WASM build, from web/node_modules (npm ci; no CDN)
 GET  /model/model.onnx    the exported model and the bundle.json beside it (--build DIR)
 GET  /model/bundle.json
-POST /predict             the request body, sent on to TorchServe's /predictions/<model> with the
-                          inference key; only TorchServe's status and JSON body come back
+POST /predict             the request body (and the X-Framing header), sent on to TorchServe's
+                          /predictions/<model> with the inference key; only TorchServe's status
+                          and JSON body come back
 
 The key is read server-side from TorchServe's key_file.json on every call (serve.client.Server)
 and never reaches the page. The server listens on loopback only and answers only requests whose
@@ -35,6 +36,7 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".mjs": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".wasm": "application/wasm", ".json": "application/json", ".onnx": "application/octet-stream"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+FRAMING_HEADER = "X-Framing"  # the page's framing choice, passed on (the handler checks it)
 
 
 class SetupError(RuntimeError):
@@ -105,7 +107,9 @@ class PageHandler(BaseHTTPRequestHandler):
             return 503, _json(responses.error("no TorchServe configured: start the page with "
                                               "`python -m web --torchserve-dir DIR`", 503))
         try:
-            reply = server.predict(body, self.headers.get("Content-Type") or "application/octet-stream")
+            framing = self.headers.get(FRAMING_HEADER)
+            reply = server.predict(body, self.headers.get("Content-Type") or "application/octet-stream",
+                                   headers={FRAMING_HEADER: framing} if framing else None)
             key = server.key("inference")
         except ServerError as error:
             return 503, _json(responses.error(str(error), 503))
