@@ -7,12 +7,14 @@ real TorchServe.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import re
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -370,6 +372,13 @@ def test_proxy_refuses_other_sites_and_serves_only_the_page(web, server, test_pn
     for path in ("key_file.json", "../key_file.json", "web/server.py", "model/../../config.properties", "ort/package.json"):
         response = requests.get(web + path, timeout=10)
         assert response.status_code == 404, path
+    connection = http.client.HTTPConnection(urllib.parse.urlsplit(web).netloc, timeout=30)
+    connection.putrequest("POST", "/predict")
+    connection.putheader("Content-Length", "-5")  # would read to the end of the stream
+    connection.endheaders(b"x")
+    bad_length = connection.getresponse()
+    assert bad_length.status == 400 and "Content-Length" in json.loads(bad_length.read())["error"]
+    connection.close()
     too_big = requests.post(web + "predict", data=b"\0" * ((1 << 20) + 1), timeout=30)
     assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
     not_an_image = requests.post(web + "predict", data=b"not an image", timeout=30,

@@ -102,11 +102,17 @@ async function askServer(bytes, browserProbabilities, input) {
   clearAnswer($("server-prediction"), $("server-bars"));
   $("server-prediction").textContent = "asking…";
   $("agreement").textContent = "";
-  const response = await fetch("/predict", {
-    method: "POST", body: bytes,
-    headers: { "Content-Type": "application/octet-stream", "X-Framing": $("framing").value },
-  });
-  const answer = await response.json();
+  let response, answer;
+  try {
+    response = await fetch("/predict", {
+      method: "POST", body: bytes,
+      headers: { "Content-Type": "application/octet-stream", "X-Framing": $("framing").value },
+    });
+    answer = await response.json();
+  } catch (error) { // the browser's own answer stands; only this side says what went wrong
+    if (input === latestInput) $("server-prediction").textContent = `no answer: ${error.message}`;
+    return;
+  }
   if (input !== latestInput) return;
   if (!response.ok) {
     $("server-prediction").textContent = `HTTP ${response.status}: ${answer.error}`;

@@ -15,6 +15,7 @@ Host is a loopback name, so that another site cannot reach the proxy through DNS
 from __future__ import annotations
 
 import ipaddress
+import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class PageHandler(BaseHTTPRequestHandler):
     routes: dict[str, Path] = {}
     torchserve: Server | None = None
     quiet = False
+    timeout = 30  # seconds a client may take to send its request: a stalled one frees its thread
 
     def do_GET(self):
         if not self._host_is_loopback():
@@ -92,7 +94,13 @@ class PageHandler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         if origin is not None and origin != f"http://{self.headers['Host']}":
             return self._send_json(403, responses.error(f"cross-origin request from {origin} refused", 403))
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            return self._send_json(400, responses.error("send the image with a valid Content-Length", 400))
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             return self._send_json(413, responses.error(
@@ -118,6 +126,12 @@ class PageHandler(BaseHTTPRequestHandler):
                                               f"({type(error).__name__}): start it with `make serve`", 502))
         if key and key.encode() in reply.content:  # never let an echo of the key reach the page
             return 502, _json(responses.error("TorchServe's answer contained its key; withheld", 502))
+        try:
+            json.loads(reply.content)
+        except ValueError:  # e.g. the frontend's empty 413: the page always gets JSON
+            text = reply.text.strip()[:200] or "an empty body"
+            return reply.status_code, _json(responses.error(
+                f"TorchServe answered HTTP {reply.status_code} with {text}", reply.status_code))
         return reply.status_code, reply.content
 
     def _host_is_loopback(self) -> bool:
