@@ -3,8 +3,6 @@
 // box, centre). The Python docstring specifies each step; this follows it in float64, in the
 // same order of operations, and tests/test_web.py checks the two agree.
 
-export const MODES = ["auto", "on", "off"];
-
 function median(values) {
   const sorted = Float64Array.from(values).sort();
   const middle = sorted.length >> 1;
