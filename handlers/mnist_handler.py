@@ -40,15 +40,9 @@ def configure_tf32(allow: bool) -> None:
     torch.set_float32_matmul_precision("high" if allow else "highest")
 
 
-FRAMING_HEADER = "X-Framing"  # auto | on | off; also ?framing=... and a JSON body's "framing"
-
-
-def framing_choice(row, header: str | None):
-    """A request's framing choice: the X-Framing header, else the ?framing= query parameter
-    (TorchServe hands query parameters to the handler beside the body), else None (auto)."""
-    if header:
-        return header
-    return row.get("framing") if isinstance(row, dict) else None
+# A request's framing choice, auto | on | off (a JSON body's "framing" key wins). A header, not a
+# query parameter: TorchServe 0.12.0 does not hand ?framing=... to the handler (seen here).
+FRAMING_HEADER = "X-Framing"
 
 
 def request_body(row, content_type: str = ""):
@@ -113,7 +107,7 @@ class MnistHandler(BaseHandler):
         arrays, errors, framings = [], [], []
         for idx, row in enumerate(data):
             content_type = self.context.get_request_header(idx, "Content-Type") or ""
-            framing = framing_choice(row, self.context.get_request_header(idx, FRAMING_HEADER))
+            framing = self.context.get_request_header(idx, FRAMING_HEADER)
             try:
                 array, framed = preprocess_framed(request_body(row, content_type), self.spec, framing)
                 arrays.append(array)

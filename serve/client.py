@@ -107,7 +107,7 @@ class Server:
 
         The content type matters: a form type (urllib's and curl's default for POST data) makes
         TorchServe parse the body as a form. `headers` and `params` (the query string) are sent
-        as given, e.g. {"X-Framing": "off"} or {"framing": "off"}.
+        as given, e.g. headers={"X-Framing": "off"}.
         """
         post = (session or requests).post
         url = f"{self.inference_url}/predictions/{model}"

