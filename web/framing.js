@@ -1,6 +1,6 @@
 // The browser's copy of contract/framing.py: frame a drawing or a photo the way the data set was
 // made (ink from alpha, background polarity and level, contrast, crop, scale into the recipe's
-// box, centre). The Python docstring specifies each step; this follows it in float64, in the
+// box, centre, sharpen). The Python docstring specifies each step; this follows it in float64, in the
 // same order of operations, and tests/test_web.py checks the two agree.
 
 function median(values) {
@@ -118,7 +118,7 @@ function scaleToBox(im, box) {
   return matmul(matmul(resizeWeights(im.h, height), im), resizeWeights(im.w, width), true);
 }
 
-/** Put the scaled object into the canvas, centred as the recipe says (step 7) -> Float32Array. */
+/** Put the scaled object into the canvas, centred as the recipe says (step 7). */
 function place(im, recipe) {
   const canvas = recipe.canvas, { h, w } = im;
   let top = Math.floor((canvas - h) / 2), left = Math.floor((canvas - w) / 2);
@@ -134,11 +134,33 @@ function place(im, recipe) {
   } else if (recipe.center !== "box" && recipe.center !== "mass") {
     throw new Error(`unknown centring ${recipe.center} in bundle.json's framing recipe`);
   }
-  const out = new Float32Array(canvas * canvas);
+  const out = image(canvas, canvas);
+  for (let y = 0; y < h; y++) out.v.set(row(im, y), (top + y) * canvas + left);
+  return out;
+}
+
+/** [1, 2, 1] / 4 along rows, then along columns, edge pixels repeated (step 8). */
+function blur3(im) {
+  const { h, w } = im;
+  const at = (v, y, x) => v[Math.min(Math.max(y, 0), h - 1) * w + Math.min(Math.max(x, 0), w - 1)];
+  const rows = image(h, w), out = image(h, w);
   for (let y = 0; y < h; y++) {
-    for (let x = 0; x < w; x++) out[(top + y) * canvas + left + x] = Math.min(Math.max(im.v[y * w + x], 0), 255);
+    for (let x = 0; x < w; x++) rows.v[y * w + x] = (at(im.v, y, x - 1) + 2 * at(im.v, y, x) + at(im.v, y, x + 1)) / 4;
+  }
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) out.v[y * w + x] = (at(rows.v, y - 1, x) + 2 * at(rows.v, y, x) + at(rows.v, y + 1, x)) / 4;
   }
   return out;
+}
+
+/** Unsharp mask, then 0..255 as float32 (step 8). */
+function sharpen(im, amount) {
+  let v = im.v;
+  if (amount) {
+    const blurred = blur3(im).v;
+    v = v.map((x, i) => x + amount * (x - blurred[i]));
+  }
+  return Float32Array.from(v, (x) => Math.min(Math.max(x, 0), 255));
 }
 
 /**
@@ -163,7 +185,8 @@ export function frame(luma, alpha, width, height, recipe, mode = "auto") {
   const ink = stretchContrast(removeBackground(L), recipe);
   if (ink === null) return { framed: null, report: { ...report, reason: "no object found (too little contrast)" } };
   const [r0, r1, c0, c1] = boundingBox(ink);
-  const framed = place(scaleToBox(crop(ink, r0, r1, c0, c1), recipe.box), recipe);
+  const placed = place(scaleToBox(crop(ink, r0, r1, c0, c1), recipe.box), recipe);
+  const framed = sharpen(placed, recipe.sharpen ?? 0); // absent in bundles from before step 8
   Object.assign(report, { applied: true, recipe: recipe.name, inverted: light, box: [c0, r0, c1 - c0 + 1, r1 - r0 + 1] });
   return { framed, report };
 }
