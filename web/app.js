@@ -131,7 +131,7 @@ function describeFraming(report) {
     `${report.ink_from === "alpha" ? ", ink from transparency" : ""}`;
 }
 
-async function classify(bytes, input) {
+async function classify(bytes, input, name = "drawing.png") {
   if (!model) return;
   lastBytes = bytes;
   const started = performance.now();
@@ -148,7 +148,7 @@ async function classify(bytes, input) {
     document.body.dataset.firstPredictionMs ??= performance.now().toFixed(0);
     if (lastInputUrl) URL.revokeObjectURL(lastInputUrl);
     lastInputUrl = URL.createObjectURL(new Blob([bytes]));
-    Object.assign($("download"), { href: lastInputUrl, hidden: false });
+    Object.assign($("download"), { href: lastInputUrl, download: name, hidden: false });
     if ($("ask-server").checked) await askServer(bytes, probabilities, input);
   } catch (error) {
     if (input !== latestInput) return;
@@ -216,14 +216,14 @@ function setUpDrawing() {
 }
 
 function setUpFraming() {
-  $("framing").addEventListener("change", () => lastBytes && classify(lastBytes, nextInput()));
+  $("framing").addEventListener("change", () => lastBytes && classify(lastBytes, nextInput(), $("download").download));
 }
 
 function setUpFiles() {
   const classifyFile = async (file) => {
     if (!file) return;
     const input = nextInput();
-    classify(new Uint8Array(await file.arrayBuffer()), input);
+    classify(new Uint8Array(await file.arrayBuffer()), input, file.name);
   };
   $("file-input").addEventListener("change", (event) => classifyFile(event.target.files[0]));
   const drop = $("drop");
