@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -46,6 +47,7 @@ def web(artifacts, torchserve):
         line = process.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:\d+/", line)
         assert match, f"python -m web did not start: {line}{process.stdout.read() if process.poll() is not None else ''}"
+        threading.Thread(target=process.stdout.read, daemon=True).start()  # a full pipe would block it
         yield match.group(0)
     finally:
         process.terminate()
