@@ -1,5 +1,5 @@
 # The stages, in order: install -> data -> train -> export -> archive -> serve -> predict -> stop.
-# `make help` lists the targets; variables: DATASET, EPOCHS, NPROC, IMG, PYTHON, TRAIN_ARGS, PYTEST_ARGS.
+# `make help` lists the targets; variables: DATASET, EPOCHS, NPROC, IMG, PORT, PYTHON, TRAIN_ARGS, PYTEST_ARGS.
 SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= $(VENV)/bin/python
@@ -8,11 +8,12 @@ EPOCHS ?= 10
 NPROC ?= 1
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+PORT ?= 8090
 # The venv's bin/ first: torchserve, torch-model-archiver and java-launched workers come from it.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive quantize ort edge serve predict stop test test-gpu parity bench demo clean
+.PHONY: help install data train export archive quantize ort edge web serve predict stop test test-gpu parity bench demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +46,9 @@ ort: install  ## build/model.onnx -> build/model.ort (+ required operators) for 
 edge: install  ## classify IMG=paths (files or directories) with onnxruntime alone, no torch
 	@test -n "$(IMG)" || { echo "usage: make edge IMG=build/samples"; exit 2; }
 	$(PYTHON) -m edge $(IMG) --timing
+
+web: install  ## the draw-or-drop page on http://127.0.0.1:8090/ (PORT=...): build/model.onnx in the browser
+	$(PYTHON) -m web --port $(PORT)
 
 serve: install  ## start TorchServe from the root with config.properties; returns when READY
 	$(PYTHON) -m serve start

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the project needs: Java 17 (TorchServe's frontend), Debian's Fashion-MNIST
-# package, and .venv with requirements.txt. Idempotent: a second run changes nothing.
+# package, npm's onnxruntime-web and Debian's chromium (the browser page and its tests), and .venv
+# with requirements.txt. Idempotent: a second run changes nothing.
 #   bash install.sh            (what `make install` runs)
 #   VENV=path bash install.sh  another venv location
 #   REQUIREMENTS=requirements-gpu.txt bash install.sh   CUDA hosts: onnxruntime-gpu instead of onnxruntime
@@ -34,6 +35,20 @@ if [[ ! -d /usr/share/datasets/fashion-mnist && ! -e data/FashionMNIST/raw/train
   echo "[install] Fashion-MNIST: apt-get install dataset-fashion-mnist"
   apt_install dataset-fashion-mnist || echo "[install] note: could not install Debian's dataset-fashion-mnist;" \
     "put the IDX files into data/FashionMNIST/raw or let torchvision download them"
+fi
+
+# The browser page (web/): onnxruntime-web from npm, and Debian's chromium, which its tests drive.
+if ! command -v npm >/dev/null; then
+  echo "[install] the browser page needs npm: apt-get install nodejs npm"
+  apt_install nodejs npm || echo "[install] note: install Node.js and npm, then run make install again (make web needs them)"
+fi
+if [[ ! -x /usr/bin/chromium ]]; then
+  echo "[install] the browser tests need Debian's chromium: apt-get install chromium"
+  apt_install chromium || echo "[install] note: could not install chromium; tests/test_web.py will fail until it is there"
+fi
+if command -v npm >/dev/null && [[ ! web/node_modules/.package-lock.json -nt web/package-lock.json ]]; then
+  echo "[install] npm ci --prefix web (onnxruntime-web, served to the page from web/node_modules)"
+  npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
 fi
 
 if [[ -f "$stamp" && "$stamp" -nt "$requirements" && "$stamp" -nt requirements-common.txt && "$stamp" -nt install.sh ]]; then
