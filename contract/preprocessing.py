@@ -248,9 +248,10 @@ def _check_declared_size(image: Image.Image, data: bytes) -> None:
     _check_sides(image)
     if image.format == "JPEG" and not image.info.get("progressive"):
         # libjpeg scales baseline JPEGs down by up to 8 while decoding: the pixel limit applies
-        # to that (progressive JPEGs keep every coefficient in memory, so theirs to the file's)
-        image.draft("L" if image.mode in ("RGB", "YCbCr") else None,
-                    _scaled_to(*image.size, WORK_SIDE))
+        # to that (progressive JPEGs keep every coefficient in memory, so theirs to the file's).
+        # The mode stays: decoding straight to "L" takes the JPEG's own luma, up to 10 grey levels
+        # away from RGB -> L, which the browser page and every other decoder compute.
+        image.draft(None, _scaled_to(*image.size, WORK_SIDE))
     _check_size(image)
     if image.format == "JPEG":
         scans = data.count(b"\xff\xda")  # start-of-scan markers (0xFF is escaped in scan data)
