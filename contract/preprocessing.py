@@ -12,7 +12,7 @@ and the tests all run the same code. Accepted bodies:
   transparent drawings, the object scaled into the recipe's box and centred); an image already in
   the data set's form passes through unchanged. Unframed (framing off, no recipe, nothing found to
   frame), transparency is composited over black (the background of MNIST-style images) and the
-  image is scaled, keeping its aspect, until its long side is H (or W), and centred on black;
+  image is padded with black to a square, then resized to H x W (Lanczos);
 - the same bytes as base64 text or a data URL ("data:image/png;base64,..."), line breaks and
   spaces allowed (what `base64 file.png` prints);
 - JSON {"image": "<base64 or data URL of image bytes>"};
@@ -95,23 +95,24 @@ class InputSpec:
 class DecodedImage:
     """An image file's first frame, before it is fitted to the model's input.
 
-    gray:  (h, w) float32 luminance 0..255, transparent parts composited over black;
-    alpha: (h, w) float32 opacity 0..255, or None for an opaque image.
-    The long side is at most WORK_SIDE (larger images are block-averaged, premultiplied by alpha).
-    Both are upright: the EXIF orientation (reported in `orientation`, 1 when none) is applied.
+    gray:  (h, w) float32 luminance 0..255, transparent parts composited over black (Pillow's
+           alpha_composite, then "L": the browser page does the same integer arithmetic);
+    alpha: (h, w) float32 opacity 0..255, or None for an opaque image;
+    luma:  (h, w) float32 luminance before compositing (framing reads ink from it), or None.
+    The long side is at most WORK_SIDE (larger images are block-averaged, luma weighted by alpha).
+    All are upright: the EXIF orientation (reported in `orientation`, 1 when none) is applied.
     """
     gray: np.ndarray
     alpha: np.ndarray | None
     format: str
     orientation: int = 1
+    luma: np.ndarray | None = None
 
     def luminance_and_opacity(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(luminance 0..255 before compositing, opacity 0..1 or None), as framing wants them."""
         if self.alpha is None:
             return self.gray, None
-        opaque = np.maximum(self.alpha, np.float32(1e-6))
-        luma = np.where(self.alpha > 0, self.gray * np.float32(255) / opaque, 0)
-        return np.clip(luma, 0, 255), self.alpha / np.float32(255)
+        return self.luma, self.alpha / np.float32(255)
 
 
 def preprocess(body, spec: InputSpec, framing: str | None = None) -> np.ndarray:
@@ -179,11 +180,10 @@ def decode(data: bytes) -> DecodedImage:
                 _check_declared_size(image, data)
                 image.load()
                 _check_size(image)  # a decoder may change its mind about the size
-                gray, alpha = _to_gray_and_alpha(image)
+                gray, alpha, luma = _to_gray_and_alpha(image)
                 orientation = _exif_orientation(image)
-                return DecodedImage(_upright(gray, orientation),
-                                    None if alpha is None else _upright(alpha, orientation),
-                                    image.format, orientation)
+                turn = lambda values: None if values is None else _upright(values, orientation)
+                return DecodedImage(turn(gray), turn(alpha), image.format, orientation, turn(luma))
     except InvalidInput:
         raise
     except Image.UnidentifiedImageError:
@@ -199,17 +199,20 @@ def decode(data: bytes) -> DecodedImage:
 
 
 def fit(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Scale keeping the aspect until the long side fills (H, W), centred on black."""
+    """Pad to a square with black, then resize to (H, W) (Lanczos); a no-op at the right size.
+
+    The image is at most WORK_SIDE on its long side by now, so the square costs at most 1 MiB.
+    The browser page (web/preprocessing.js) does the same, step for step.
+    """
     h, w = gray.shape
     if (h, w) == (spec.height, spec.width):
         return gray
-    scale = min(spec.height / h, spec.width / w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # Pillow's (width, height)
-    resized = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.LANCZOS), np.float32)
-    canvas = np.zeros((spec.height, spec.width), np.float32)
-    top, left = (spec.height - size[1]) // 2, (spec.width - size[0]) // 2
-    canvas[top:top + size[1], left:left + size[0]] = resized
-    return np.clip(canvas, 0, 255)
+    side = max(h, w)
+    square = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top:top + h, left:left + w] = gray
+    resized = Image.fromarray(square).resize((spec.width, spec.height), Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0, 255)
 
 
 def pixels_to_array(pixels, spec: InputSpec, framing: str | None = None) -> np.ndarray:
@@ -304,8 +307,9 @@ def _scaled_to(width: int, height: int, side: int) -> tuple[int, int]:
 
 # --- pixels -> grey, in strips ----------------------------------------------------------------
 
-def _to_gray_and_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """The loaded image -> (grey composited over black, alpha or None), long side <= WORK_SIDE.
+def _to_gray_and_alpha(image: Image.Image):
+    """The loaded image -> (grey composited over black, alpha or None, luminance before
+    compositing or None), long side <= WORK_SIDE.
 
     Rows are converted a strip at a time and block-averaged at once, so that the extra memory
     is a strip's, whatever the image's shape.
@@ -313,30 +317,35 @@ def _to_gray_and_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | Non
     width, height = image.size
     factor = max(1, -(-max(width, height) // WORK_SIDE))
     rows_per_strip = factor * max(1, (1 << 18) // (factor * width))
-    grays, alphas = [], []
+    grays, alphas, lumas = [], [], []
     for top in range(0, height, rows_per_strip):
         strip = image.crop((0, top, width, min(height, top + rows_per_strip)))
-        gray, alpha = _strip_to_gray(strip)
+        gray, alpha, luma = _strip_to_gray(strip)
+        grays.append(_block_mean(gray, factor))  # composited over black: a premultiplied mean
         if alpha is not None:
-            gray = gray * (alpha / np.float32(255))  # premultiplied: averaging stays correct
-        grays.append(_block_mean(gray, factor))
-        alphas.append(None if alpha is None else _block_mean(alpha, factor))
+            alphas.append(_block_mean(alpha, factor))
+            lumas.append(luma if factor == 1 else _block_mean(luma * alpha, factor))
     gray = np.concatenate(grays)
-    alpha = None if alphas[0] is None else np.concatenate(alphas)
-    return gray, alpha
+    if not alphas:
+        return gray, None, None
+    alpha, luma = np.concatenate(alphas), np.concatenate(lumas)
+    if factor > 1:  # the alpha-weighted mean luminance of each block
+        luma = np.where(alpha > 0, luma / np.maximum(alpha, np.float32(1e-6)), 0).astype(np.float32)
+    return gray, alpha, luma
 
 
-def _strip_to_gray(strip: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows of any mode -> float32 luminance 0..255 (not yet premultiplied) and alpha or None."""
+def _strip_to_gray(strip: Image.Image):
+    """Rows of any mode -> float32 luminance 0..255 composited over black, and for a transparent
+    image its alpha and its luminance before compositing (else None, None)."""
     mode = strip.mode
     if mode in SIXTEEN_BIT_MODES:
-        return np.asarray(strip, dtype=np.float32) * np.float32(255 / 65535), None
+        return np.asarray(strip, dtype=np.float32) * np.float32(255 / 65535), None, None
     if mode == "I":
         values = np.asarray(strip)
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise InvalidInput(f"32-bit integer image holds values {values.min()}..{values.max()}; "
                                "they must lie in 0..65535 (or send an 8-bit image)")
-        return values.astype(np.float32) * np.float32(255 / 65535), None
+        return values.astype(np.float32) * np.float32(255 / 65535), None, None
     if mode == "F":
         values = np.asarray(strip, dtype=np.float32)
         if not np.isfinite(values).all():
@@ -345,17 +354,19 @@ def _strip_to_gray(strip: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         if values.size and (values.min() < 0 or values.max() > 1):
             raise InvalidInput(f"float image holds values {values.min():g}..{values.max():g}; "
                                "they must lie in 0..1 (or send an 8-bit image)")
-        return values * np.float32(255), None
+        return values * np.float32(255), None, None
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in strip.info:
-        luma_alpha = np.asarray(strip.convert("RGBA").convert("LA"), dtype=np.float32)
-        return luma_alpha[..., 0], luma_alpha[..., 1]
+        rgba = strip.convert("RGBA")
+        luma_alpha = np.asarray(rgba.convert("LA"), dtype=np.float32)
+        over_black = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+        return np.asarray(over_black.convert("L"), np.float32), luma_alpha[..., 1], luma_alpha[..., 0]
     if mode != "L":
         try:
             strip = strip.convert("L")
         except ValueError:
             raise InvalidInput(f"images of mode {mode} are not supported; send an RGB or grey "
                                "image") from None
-    return np.asarray(strip, dtype=np.float32), None
+    return np.asarray(strip, dtype=np.float32), None, None
 
 
 def _block_mean(values: np.ndarray, factor: int) -> np.ndarray:
