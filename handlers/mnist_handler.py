@@ -14,11 +14,14 @@ Per-model settings come from model-config.yaml (packed into the .mar by `make ar
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from http import HTTPStatus
 from pathlib import Path
 
 import numpy as np
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from contract import responses
@@ -95,12 +98,22 @@ class MnistHandler(BaseHandler):
         # (TorchServe itself records each batch's PredictionTime; a second timing metric per
         # batch cost 4% of the worker's time under load.)
         self.context = context
-        return self.postprocess(self.inference(self.preprocess(data)))
+        self.decode_ms, self.model_ms = [], None
+        answers = self.postprocess(self.inference(self.preprocess(data)))
+        try:
+            self.record_metrics()
+        except Exception as error:  # a metrics configuration without ours must not cost answers
+            if not getattr(self, "metrics_warned", False):
+                logger.warning("handler metrics not recorded (%s): start TorchServe with "
+                               "metrics_config=metrics.yaml from the repository", error)
+                self.metrics_warned = True
+        return answers
 
     def preprocess(self, data):
         arrays, errors = [], []
         for idx, row in enumerate(data):
             content_type = self.context.get_request_header(idx, "Content-Type") or ""
+            started = time.perf_counter()
             try:
                 arrays.append(preprocess(request_body(row, content_type), self.spec))
                 errors.append(None)
@@ -109,6 +122,7 @@ class MnistHandler(BaseHandler):
             except Exception:  # a decoder bug must not fail the other requests of the batch
                 logger.exception("unexpected error while decoding a request")
                 errors.append(InvalidInput("the server could not decode this request", 500))
+            self.decode_ms.append((time.perf_counter() - started) * 1000)
         images = torch.from_numpy(np.concatenate(arrays)).to(self.device) if arrays else None
         return images, errors
 
@@ -116,14 +130,17 @@ class MnistHandler(BaseHandler):
         images, errors = batch
         if images is None:
             return None, errors
+        started = time.perf_counter()
         with torch.inference_mode():
             probabilities = self.model(images).exp().cpu().numpy()
+        self.model_ms = (time.perf_counter() - started) * 1000
         return probabilities, errors
 
     def postprocess(self, result) -> list[str]:
         probabilities, errors = result
         answers, valid = [], 0
         batch_size = str(len(errors))
+        self.statuses = Counter(200 if error is None else error.status for error in errors)
         for idx, error in enumerate(errors):
             self.context.set_response_content_type(idx, "application/json")
             # how many requests shared this model call: lets clients see dynamic batching work
@@ -135,3 +152,24 @@ class MnistHandler(BaseHandler):
             answers.append(responses.dumps(responses.prediction(probabilities[valid], self.classes)))
             valid += 1
         return answers
+
+    def record_metrics(self) -> None:
+        """The batch's figures for Prometheus, as declared in metrics.yaml (model_metrics).
+
+        Each update is one log line that the frontend parses, so counts are summed per status
+        and per batch; decode time is the one figure sent per request.
+        """
+        metrics, model = self.context.metrics, [self.context.model_name]
+        if metrics is None:  # a handler driven outside TorchServe
+            return
+        requests = metrics.get_metric("mnist_requests", MetricTypes.COUNTER)
+        for status, count in self.statuses.items():
+            requests.add_or_update(count, model + [str(status)])
+        metrics.get_metric("mnist_batch_size", MetricTypes.HISTOGRAM).add_or_update(
+            len(self.decode_ms), model)
+        decode = metrics.get_metric("mnist_decode_milliseconds", MetricTypes.HISTOGRAM)
+        for milliseconds in self.decode_ms:
+            decode.add_or_update(milliseconds, model)
+        if self.model_ms is not None:
+            metrics.get_metric("mnist_model_milliseconds", MetricTypes.HISTOGRAM).add_or_update(
+                self.model_ms, model)
