@@ -36,6 +36,13 @@ if [[ ! -d /usr/share/datasets/fashion-mnist && ! -e data/FashionMNIST/raw/train
     "put the IDX files into data/FashionMNIST/raw or let torchvision download them"
 fi
 
+if ! command -v nginx >/dev/null; then
+  # tests/test_production.py runs the gateway (deploy/gateway.nginx.conf) in front of two replicas.
+  echo "[install] the gateway tests need nginx: apt-get install nginx-light"
+  apt_install nginx-light || echo "[install] note: could not install nginx; the gateway and" \
+    "rolling-update tests will fail saying so (Debian/Ubuntu: sudo apt-get install nginx-light)"
+fi
+
 if [[ -f "$stamp" && "$stamp" -nt "$requirements" && "$stamp" -nt requirements-common.txt && "$stamp" -nt install.sh ]]; then
   exit 0
 fi

@@ -16,9 +16,16 @@ cleanup() {
     if [ -n "$dockerd_pid" ]; then kill "$dockerd_pid"; wait "$dockerd_pid" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
+if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing docker.io and debootstrap (apt-get)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null
+    else
+        echo "needs Docker and debootstrap: sudo apt-get install docker.io debootstrap" >&2; exit 1
+    fi
+fi
 if ! docker info >/dev/null 2>&1; then
     [ "$(id -u)" = 0 ] || { echo "dockerd is not running and starting it needs root" >&2; exit 1; }
-    command -v dockerd >/dev/null || { echo "needs Docker: apt-get install docker.io debootstrap" >&2; exit 1; }
     dockerd >/tmp/image-test-dockerd.log 2>&1 &
     dockerd_pid=$!
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
