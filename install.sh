@@ -38,9 +38,9 @@ fi
 
 if ! command -v nginx >/dev/null; then
   # tests/test_production.py runs the gateway (deploy/gateway.nginx.conf) in front of two replicas.
-  echo "[install] the gateway tests need nginx: apt-get install nginx-light"
-  apt_install nginx-light || echo "[install] note: could not install nginx; the gateway and" \
-    "rolling-update tests will fail saying so (Debian/Ubuntu: sudo apt-get install nginx-light)"
+  echo "[install] the gateway tests need nginx: apt-get install nginx"
+  apt_install nginx || echo "[install] note: could not install nginx; the gateway and" \
+    "rolling-update tests will fail saying so (Debian/Ubuntu: sudo apt-get install nginx)"
 fi
 
 if [[ -f "$stamp" && "$stamp" -nt "$requirements" && "$stamp" -nt requirements-common.txt && "$stamp" -nt install.sh ]]; then

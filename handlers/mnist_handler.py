@@ -10,6 +10,10 @@ Per-model settings come from model-config.yaml (packed into the .mar by `make ar
       torch_threads: 1     # intra-op threads per worker (workers x threads <= cores)
       allow_tf32: false    # true trades the 1e-5 parity bound for speed on Ampere and newer GPUs
       optimize_for_inference: true   # CPU: freeze the TorchScript model and fuse with oneDNN
+
+Metrics (requests by status, batch size, decode time per request, model time per batch) go
+through TorchServe's context.metrics and must be declared in the server's metrics_config
+(metrics.yaml in the repository) to reach Prometheus.
 """
 from __future__ import annotations
 
