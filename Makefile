@@ -76,7 +76,7 @@ demo: install  ## the whole path: data, train, export, archive, serve, predict, 
 	$(MAKE) serve
 	$(PYTHON) -m serve predict build/samples/*.png; status=$$?; $(MAKE) stop; exit $$status
 
-image: archive  ## the serving image mnist-serve:$(VARIANT) (cpu|gpu) from model_store/mnist.mar, offline (dockerd running)
+image: archive  ## the serving image mnist-serve:VARIANT (cpu, gpu) from model_store/mnist.mar, offline (dockerd running)
 	bash deploy/build-image.sh $(VARIANT)
 
 image-test: archive  ## build the CPU image and smoke-test it: healthy, REST answers, metrics (starts dockerd if needed)
