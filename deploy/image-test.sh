@@ -59,6 +59,7 @@ curl -sS "http://$metrics/metrics" | grep -q '^mnist_requests{.*Status="400"' ||
 # Listening sockets (/proc/net/tcp, state 0A): management 8081 (1F91) on loopback only.
 docker exec "$container" awk '$4 == "0A" {print $2}' /proc/net/tcp | grep -q '^0100007F:1F91$' || fail "management is not on loopback"
 ! docker exec "$container" awk '$4 == "0A" {print $2}' /proc/net/tcp | grep -q '^00000000:1F91$' || fail "management listens on all interfaces"
+echo "memory in use after these requests: $(docker stats --no-stream --format '{{.MemUsage}}' "$container")"
 stop_started=$SECONDS
 docker stop -t 30 "$container" >/dev/null
 echo "stopped in $((SECONDS - stop_started)) s; image $(docker image inspect -f '{{.Size}}' "$tag") bytes"
