@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import kubernetes_validate
 import numpy as np
+import psutil
 import pytest
 import requests
 import yaml
@@ -191,8 +192,7 @@ class Gateway:
             time.sleep(0.05)
 
     def workers(self) -> set[int]:
-        result = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)
-        return {int(pid) for pid in result.stdout.split()}
+        return {child.pid for child in psutil.Process(self.process.pid).children()}
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
