@@ -1,5 +1,5 @@
 # The stages, in order: install -> data -> train -> export -> archive -> serve -> predict -> stop.
-# `make help` lists the targets; variables: DATASET, EPOCHS, NPROC, IMG, PORT, PYTHON, TRAIN_ARGS, PYTEST_ARGS.
+# `make help` lists the targets; variables: DATASET, EPOCHS, NPROC, IMG, PORT, PYTHON, TRAIN_ARGS, PYTEST_ARGS, VARIANT.
 SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= $(VENV)/bin/python
@@ -9,11 +9,12 @@ NPROC ?= 1
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 PORT ?= 8090
+VARIANT ?= cpu
 # The venv's bin/ first: torchserve, torch-model-archiver and java-launched workers come from it.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive quantize ort edge web serve predict stop test test-gpu parity bench demo clean
+.PHONY: help install data train export archive quantize ort edge web serve predict stop test test-gpu parity bench demo image image-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -78,6 +79,12 @@ demo: install  ## the whole path: data, train, export, archive, serve, predict, 
 	$(MAKE) data train archive
 	$(MAKE) serve
 	$(PYTHON) -m serve predict build/samples/*.png; status=$$?; $(MAKE) stop; exit $$status
+
+image: archive  ## the serving image mnist-serve:VARIANT (cpu, gpu) from model_store/mnist.mar, offline (dockerd running)
+	bash deploy/build-image.sh $(VARIANT)
+
+image-test: archive  ## build the CPU image and smoke-test it: healthy, REST answers, metrics (starts dockerd if needed)
+	bash deploy/image-test.sh
 
 clean:  ## remove build outputs (keeps data/, checkpoints/ and the venv)
 	rm -rf build model_store/*.mar logs key_file.json .pytest_cache

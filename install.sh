@@ -50,6 +50,12 @@ if command -v npm >/dev/null && [[ ! web/node_modules/.package-lock.json -nt web
   echo "[install] npm ci --prefix web (onnxruntime-web, served to the page from web/node_modules)"
   npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
 fi
+if ! command -v nginx >/dev/null; then
+  # tests/test_production.py runs the gateway (deploy/gateway.nginx.conf) in front of two replicas.
+  echo "[install] the gateway tests need nginx: apt-get install nginx"
+  apt_install nginx || echo "[install] note: could not install nginx; the gateway and" \
+    "rolling-update tests will fail saying so (Debian/Ubuntu: sudo apt-get install nginx)"
+fi
 
 if [[ -f "$stamp" && "$stamp" -nt "$requirements" && "$stamp" -nt requirements-common.txt && "$stamp" -nt install.sh ]]; then
   exit 0

@@ -15,21 +15,28 @@ Per-model settings come from model-config.yaml (packed into the .mar by `make ar
       allow_tf32: false    # true trades the 1e-5 parity bound for speed on Ampere and newer GPUs
       optimize_for_inference: true   # CPU: freeze the TorchScript model and fuse with oneDNN
       explain_steps: 64    # Integrated Gradients' integration points per explanation
+
+Metrics (requests by status, batch size, decode time per request, model time per batch) go
+through TorchServe's context.metrics and must be declared in the server's metrics_config
+(metrics.yaml in the repository) to reach Prometheus.
 """
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from http import HTTPStatus
 from pathlib import Path
 
 import numpy as np
 import torch
 from captum.attr import IntegratedGradients
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from contract import responses
 from contract.bundle import BUNDLE_FILE, BundleError, load_bundle, verify_file
-from contract.preprocessing import InputSpec, InvalidInput, preprocess_framed
+from contract.preprocessing import InputSpec, InvalidInput, preprocess, preprocess_framed
 
 logger = logging.getLogger(__name__)
 
@@ -141,14 +148,24 @@ class MnistHandler(BaseHandler):
         # requests get their prediction as well. (TorchServe itself records each batch's
         # PredictionTime; a second timing metric per batch cost 4% of the worker's time.)
         self.context = context
+        self.decode_ms, self.model_ms = [], None
         batch = self.preprocess(data)
         result = self.inference(batch)
-        return self.add_explanations(batch, result, self.postprocess(result))
+        answers = self.add_explanations(batch, result, self.postprocess(result))
+        try:
+            self.record_metrics()
+        except Exception as error:  # a metrics configuration without ours must not cost answers
+            if not getattr(self, "metrics_warned", False):
+                logger.warning("handler metrics not recorded (%s): start TorchServe with "
+                               "metrics_config=metrics.yaml from the repository", error)
+                self.metrics_warned = True
+        return answers
 
     def preprocess(self, data):
         arrays, errors, framings = [], [], []
         for idx, row in enumerate(data):
             headers, part_types = request_headers(self.context, idx)
+            started = time.perf_counter()
             try:
                 body = request_body(row, headers.get("content-type", ""), part_types)
                 array, framed = preprocess_framed(body, self.spec, headers.get(FRAMING_HEADER))
@@ -162,6 +179,7 @@ class MnistHandler(BaseHandler):
                 logger.exception("unexpected error while decoding a request")
                 errors.append(InvalidInput("the server could not decode this request", 500))
                 framings.append(None)
+            self.decode_ms.append((time.perf_counter() - started) * 1000)
         images = torch.from_numpy(np.concatenate(arrays)).to(self.device) if arrays else None
         return images, errors, framings
 
@@ -169,13 +187,15 @@ class MnistHandler(BaseHandler):
         images, errors, framings = batch
         if images is None:
             return None, errors, framings
+        started = time.perf_counter()
         with torch.inference_mode():
             probabilities = self.model(images).exp().cpu().numpy()
+        self.model_ms = (time.perf_counter() - started) * 1000
         return probabilities, errors, framings
 
     def postprocess(self, result) -> list[str]:
         probabilities, errors, framings = result
-        answers, valid = [], 0
+        answers, statuses, valid = [], [], 0
         batch_size = str(len(errors))
         for idx, error in enumerate(errors):
             self.context.set_response_content_type(idx, "application/json")
@@ -185,11 +205,14 @@ class MnistHandler(BaseHandler):
                 row, valid = probabilities[valid], valid + 1
                 if np.isfinite(row).all():
                     answers.append(responses.dumps(responses.prediction(row, self.classes, framings[idx])))
+                    statuses.append(200)
                     continue
                 logger.error("the model answered NaN or infinity for a valid input")
                 error = InvalidInput("the model could not classify this image (a server fault)", 500)
             self.context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
             answers.append(responses.dumps(error.to_response()))
+            statuses.append(error.status)
+        self.statuses = Counter(statuses)  # answered by status, for record_metrics
         return answers
 
     # Explanations ---------------------------------------------------------------------------
@@ -253,3 +276,23 @@ class MnistHandler(BaseHandler):
                     "output": float(out), "baseline_output": float(base), "convergence_delta": float(d)}
                    for out, base, d in zip(output.tolist(), baseline_output.tolist(), delta.tolist())]
         return maps, details
+    def record_metrics(self) -> None:
+        """The batch's figures for Prometheus, as declared in metrics.yaml (model_metrics).
+
+        Each update is one log line that the frontend parses, so counts are summed per status
+        and per batch; decode time is the one figure sent per request.
+        """
+        metrics, model = self.context.metrics, [self.context.model_name]
+        if metrics is None:  # a handler driven outside TorchServe
+            return
+        requests = metrics.get_metric("mnist_requests", MetricTypes.COUNTER)
+        for status, count in self.statuses.items():
+            requests.add_or_update(count, model + [str(status)])
+        metrics.get_metric("mnist_batch_size", MetricTypes.HISTOGRAM).add_or_update(
+            len(self.decode_ms), model)
+        decode = metrics.get_metric("mnist_decode_milliseconds", MetricTypes.HISTOGRAM)
+        for milliseconds in self.decode_ms:
+            decode.add_or_update(milliseconds, model)
+        if self.model_ms is not None:
+            metrics.get_metric("mnist_model_milliseconds", MetricTypes.HISTOGRAM).add_or_update(
+                self.model_ms, model)

@@ -38,6 +38,9 @@ class Server:
     management_url: str
     metrics_url: str
     workdir: Path  # the directory it was started from: key_file.json and logs/ are there
+    # False where TorchServe runs with disable_token_authorization=true: the replicas of
+    # deploy/, which only an authenticating gateway can reach (README, "Production").
+    tokens: bool = True
 
     @classmethod
     def from_config(cls, config: Path | str, workdir: Path | str | None = None) -> "Server":
@@ -46,7 +49,8 @@ class Server:
         return cls(props.get("inference_address", "http://127.0.0.1:8080"),
                    props.get("management_address", "http://127.0.0.1:8081"),
                    props.get("metrics_address", "http://127.0.0.1:8082"),
-                   Path(workdir) if workdir else config.resolve().parent)
+                   Path(workdir) if workdir else config.resolve().parent,
+                   props.get("disable_token_authorization", "false").lower() != "true")
 
     @property
     def key_file(self) -> Path:
@@ -63,6 +67,10 @@ class Server:
             raise ServerError(f"{self.key_file} has no {kind} key; was TorchServe started "
                               "with token authorization off?") from None
 
+    def auth(self, kind: str) -> dict[str, str]:
+        """The Authorization header for an 'inference' or 'management' call, if tokens are on."""
+        return {"Authorization": f"Bearer {self.key(kind)}"} if self.tokens else {}
+
     def renew_key(self, kind: str) -> str:
         """Mint a fresh inference or management key with the API key (TorchServe's /token API)."""
         response = requests.post(f"{self.management_url}/token", params={"type": kind},
@@ -73,7 +81,7 @@ class Server:
 
     def describe(self, model: str = MODEL_NAME, timeout: float = 5) -> dict:
         response = requests.get(f"{self.management_url}/models/{model}", timeout=timeout,
-                                headers={"Authorization": f"Bearer {self.key('management')}"})
+                                headers=self.auth("management"))
         if response.status_code != 200:
             raise ServerError(f"GET /models/{model}: HTTP {response.status_code} {response.text.strip()}")
         return response.json()[0]
@@ -112,10 +120,10 @@ class Server:
         post = (session or requests).post
         url = f"{self.inference_url}/{api}/{model}"
         for attempt in range(2):
-            sent = {**(headers or {}), "Authorization": f"Bearer {self.key('inference')}",
-                    "Content-Type": content_type}
+            sent = {**(headers or {}), **self.auth("inference"), "Content-Type": content_type}
             response = post(url, data=body, headers=sent, params=params, timeout=timeout)
-            if response.status_code == 400 and "InvalidKeyException" in response.text and attempt == 0:
+            if (self.tokens and response.status_code == 400 and "InvalidKeyException" in response.text
+                    and attempt == 0):
                 self.renew_key("inference")
                 continue
             return response

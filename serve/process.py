@@ -44,6 +44,9 @@ def write_config(source: Path, target: Path, overrides: dict[str, str]) -> None:
     """config.properties with `overrides` applied: the shipped settings, other ports and paths."""
     props = read_properties(source)
     props.update(overrides)
+    # A relative metrics_config is relative to the shipped config, not to the private workdir.
+    if "metrics_config" in props and not Path(props["metrics_config"]).is_absolute():
+        props["metrics_config"] = str((source.parent / props["metrics_config"]).resolve())
     target.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
 
 
@@ -68,7 +71,8 @@ class TorchServeProcess:
         self.process: subprocess.Popen | None = None
         self.server: Server | None = None
 
-    def start(self, timeout: float = 180) -> Server:
+    def start(self, timeout: float = 180, wait: bool = True) -> Server:
+        """Start TorchServe; unless `wait` is False, return once the model has a READY worker."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "tmp").mkdir(exist_ok=True)
         inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
@@ -91,6 +95,8 @@ class TorchServeProcess:
             cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.server = Server.from_config(config, self.workdir)
+        if not wait:
+            return self.server
         try:
             self.server.wait_until_ready(timeout=timeout, process=self.process)
         except BaseException:

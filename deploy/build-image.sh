@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Build the serving image offline: `make image` (CPU) or `make image VARIANT=gpu`.
+#     deploy/build-image.sh [cpu|gpu] [TAG]        MAR=path/to/mnist.mar to bake another archive
+# Assembles a small build context (the archive, the configuration, the probe and the contract,
+# what torch to install) and builds it with the legacy builder (BuildKit's buildx is absent here).
+# Files needed only while building (the torch wheel, the host's CA bundle) are served to the build
+# over loopback instead of COPYed: a COPYed file stays in its layer even when a later step
+# deletes it (the wheel would add 192 MB), and the legacy builder has no RUN --mount.
+set -euo pipefail
+variant=${1:-cpu}
+tag=${2:-mnist-serve:$variant}
+root=$(cd "$(dirname "$0")/.." && pwd)
+mar=${MAR:-$root/model_store/mnist.mar}
+[ -f "$mar" ] || { echo "$mar is missing: run \`make archive\` first" >&2; exit 1; }
+docker info >/dev/null 2>&1 || { echo "dockerd is not running: start it as root (dockerd &), or run \`make image-test\`, which does" >&2; exit 1; }
+bash "$root/deploy/base-image.sh"
+
+ctx=$(mktemp -d /var/tmp/mnist-image.XXXXXX)
+files=$(mktemp -d /var/tmp/mnist-build-files.XXXXXX)
+file_server=
+trap '[ -n "$file_server" ] && kill "$file_server"; rm -rf "$ctx" "$files"' EXIT
+mkdir -p "$ctx/app/model_store" "$ctx/app/serve" "$ctx/app/contract" "$files/wheels"
+cat "$root/config.properties" "$root/deploy/container.properties" >"$ctx/app/config.properties"
+cp "$root/metrics.yaml" "$root/deploy/entrypoint.sh" "$ctx/app/"
+cp "$root"/serve/{__init__,client,probe}.py "$ctx/app/serve/"
+cp "$root"/contract/*.py "$ctx/app/contract/"
+cp "$mar" "$ctx/app/model_store/mnist.mar"
+cp "$root/deploy/Dockerfile" "$root/deploy/requirements-image.txt" "$ctx/"
+# pip inside the build trusts what pip on this host trusts (a TLS-inspecting proxy's CA included).
+cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$files/ca.crt"
+
+torch_range='torch>=2.11,<2.15'
+case $variant in
+cpu)
+    # PyPI's Linux torch is the CUDA build (GBs of CUDA libraries). A CPU wheel lying in pip's
+    # find-links on this host is used as it is; elsewhere PyTorch's CPU index provides one.
+    wheel=$(ls ${PIP_FIND_LINKS:-/opt/wheels}/torch-*+cpu-cp311-*.whl 2>/dev/null | sort -V | tail -1 || true)
+    if [ -n "$wheel" ]; then
+        cp "$wheel" "$files/wheels/"
+        basename "$wheel" | sed 's/^torch-\([^-]*\)-.*/torch==\1/' >"$ctx/torch.txt"
+    else
+        printf -- '--index-url https://download.pytorch.org/whl/cpu\n%s\n' "$torch_range" >"$ctx/torch.txt"
+    fi
+    : >"$ctx/extra.txt" ;;
+gpu)
+    echo "$torch_range" >"$ctx/torch.txt"            # PyPI's default Linux wheel: CUDA
+    echo 'onnxruntime-gpu>=1.20' >"$ctx/extra.txt" ;;
+*)  echo "usage: $0 [cpu|gpu] [TAG]" >&2; exit 2 ;;
+esac
+# A fixed port where it is free: the URL is part of the build step, and a new one would make
+# Docker rebuild the venv layer every time.
+port=$(python3 -c 'import socket
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", 47831))
+except OSError:
+    s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')
+python3 -m http.server --bind 127.0.0.1 --directory "$files" "$port" >/dev/null 2>&1 &
+file_server=$!
+for _ in $(seq 50); do python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/ca.crt')" 2>/dev/null && break; sleep 0.2; done
+echo "building $tag ($variant; $(cat "$ctx/torch.txt" | tr '\n' ' '))"
+DOCKER_BUILDKIT=0 docker build --network host -q --build-arg "FILES=http://127.0.0.1:$port" \
+    -t "$tag" "$ctx" >/dev/null
+echo "built $tag ($(docker image inspect -f '{{.Size}}' "$tag") bytes)"
