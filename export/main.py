@@ -141,7 +141,7 @@ def build(args) -> None:
     out = args.build_dir
     out.mkdir(parents=True, exist_ok=True)
     # TorchScript and ONNX always (the tests and the edge use them); pt2 when asked: it compiles.
-    built = ["torchscript", "onnx"] + ([args.format] if args.format not in ("torchscript", "onnx") else [])
+    built = ["torchscript", "onnx"] + (["pt2"] if args.format == "pt2" else [])
     if "pt2" in built:
         formats.check_batch_size_fits(args.model_config)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:

@@ -122,7 +122,7 @@ def test_served_format_agrees_with_eager_when_batched(artifacts, format_archives
 
 
 def test_pt2_worker_needs_no_compiler(artifacts, format_archives, test_pngs, tmp_path):
-    """With no C++ compiler to be found and an empty inductor cache, the pt2 worker still loads
+    """With CXX naming no compiler (the only one inductor would use) and an empty inductor cache,
     and answers: the model is not compiled when a worker starts. The cache stays free of built
     libraries."""
     cache = tmp_path / "inductor-cache"
@@ -146,3 +146,14 @@ def test_pt2_compiled_for_another_device_is_refused():
 
     with pytest.raises(BundleError, match="compiled for cuda but this worker runs on cpu.*make archive FORMAT=pt2"):
         load_compiled_model(Path("model.pt2"), {"device": "cuda:0", "max_batch": PT2_MAX_BATCH}, torch.device("cpu"))
+
+
+def test_pt2_export_refuses_a_batch_size_it_was_not_compiled_for(tmp_path):
+    from export.formats import check_batch_size_fits
+
+    config = tmp_path / "model-config.yaml"
+    config.write_text(f"batchSize: {PT2_MAX_BATCH}\n")
+    check_batch_size_fits(config)
+    config.write_text(f"batchSize: {PT2_MAX_BATCH + 1}\n")
+    with pytest.raises(SystemExit, match="lower batchSize"):
+        check_batch_size_fits(config)
