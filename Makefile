@@ -1,11 +1,14 @@
 # The stages, in order: install -> data -> train -> export -> archive -> serve -> predict -> stop.
-# `make help` lists the targets; variables: DATASET, EPOCHS, NPROC, IMG, PORT, PYTHON, TRAIN_ARGS, PYTEST_ARGS, VARIANT.
+# `make help` lists the targets; variables: DATASET, EPOCHS, NPROC, FORMAT, IMG, PORT, PYTHON, TRAIN_ARGS, PYTEST_ARGS, VARIANT.
 SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= $(VENV)/bin/python
 DATASET ?= auto
 EPOCHS ?= 10
 NPROC ?= 1
+# The model file the .mar serves: torchscript (model.pt), pt2 (torch.export + AOTInductor,
+# compiled here for this host's CPU or GPU) or onnx (model.onnx, the edge's file).
+FORMAT ?= torchscript
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 PORT ?= 8090
@@ -32,11 +35,11 @@ else
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train --dataset $(DATASET) --epochs $(EPOCHS) $(TRAIN_ARGS)
 endif
 
-export: install  ## checkpoints/best.pt -> build/model.pt, build/model.onnx, build/bundle.json
-	$(PYTHON) -m export build
+export: install  ## checkpoints/best.pt -> build/model.pt, build/model.onnx, build/bundle.json (FORMAT=pt2: + build/model.pt2)
+	$(PYTHON) -m export build --format $(FORMAT)
 
-archive: export  ## build/ -> model_store/mnist.mar
-	$(PYTHON) -m export archive
+archive: export  ## build/ -> model_store/mnist.mar serving FORMAT=torchscript|pt2|onnx
+	$(PYTHON) -m export archive --format $(FORMAT)
 
 quantize: install  ## build/model.onnx -> build/model.int8.onnx (static QDQ int8) + its report
 	$(PYTHON) -m export quantize

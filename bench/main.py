@@ -6,7 +6,10 @@
 2. in-process inference, batch 1 and 64: eager PyTorch, TorchScript, onnxruntime (1 thread);
 3. REST: wrk against TorchServe (batching off/on, 1 and 2 workers) at concurrency 1, 8, 32, and
    against a minimal loopback HTTP server (the transport ceiling);
-4. start-up: seconds from starting TorchServe to a READY worker.
+4. start-up: seconds from starting TorchServe to a READY worker;
+5. formats: the archive served as TorchScript, pt2 (AOTInductor) and ONNX side by side: in-process
+   latency at batch 1 and 64, REST throughput at concurrency 32, start-up, archive size
+   (`python -m bench --formats-only --build DIR` runs this part alone).
 
 Writes bench/results/<host>-<date>.json, bench/results/latest.md and bench/results/latest.png.
 The machine is shared and noisy: figures are medians, and comparisons are ratios within one run.
@@ -283,6 +286,105 @@ def bench_serving(build: Path, work: Path, seconds: int, concurrencies: list[int
     return results
 
 
+# 5. formats ----------------------------------------------------------------------------------
+
+def format_callables(build: Path, bundle: dict) -> dict:
+    """Each format's model as the handler runs it on the CPU: float32 batch -> log-probs."""
+    import warnings
+
+    from contract.onnx_session import input_name, open_session
+    from export.formats import load_pt2
+
+    models = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        scripted = torch.jit.load(str(build / "model.pt")).eval()
+        # frozen and oneDNN-fused, as handlers/mnist_handler.py serves it on the CPU
+        models["torchscript"] = torch.jit.optimize_for_inference(torch.jit.freeze(scripted))
+    if "pt2" in bundle["formats"]:
+        pt2 = load_pt2(str(build / "model.pt2"), torch.device("cpu"))
+        models["pt2"] = lambda x: pt2(torch.from_numpy(x))
+    session = open_session(str(build / "model.onnx"), "cpu", threads=1)
+    name = input_name(session)
+    models["onnx"] = lambda x: session.run(None, {name: x})
+    return models
+
+
+def bench_formats(build: Path, work: Path, seconds: int, concurrency: int = 32) -> dict:
+    """The three formats side by side, each served from its own archive with the shipped
+    model-config.yaml (1 worker, batches of up to 16). The pt2 model must be in `build`
+    (`python -m export build --format pt2`); a format not built is left out, saying so."""
+    from contract.bundle import load_bundle
+    from export.edge_artifacts import median_us_per_image
+    from serve.process import TorchServeProcess
+
+    torch.set_num_threads(1)
+    bundle = load_bundle(build)
+    formats = [f for f in ("torchscript", "pt2", "onnx") if f in bundle.get("formats", {})]
+    if "pt2" not in formats:
+        log(f"formats: {build} holds no pt2 model (python -m export build --format pt2): left out")
+    models = format_callables(build, bundle)
+    results = {"formats": {}, "concurrency": concurrency, "duration_seconds": seconds, "threads": 1, "device": "cpu"}
+    body = work / "body.png"
+    shutil.copy(sorted((build / "samples").glob("*.png"))[0], body)
+    for fmt in formats:
+        entry = results["formats"][fmt] = {"file_bytes": bundle["formats"][fmt]["bytes"]}
+        with torch.inference_mode():
+            for batch, repeats in ((1, 3000), (64, 300)):
+                x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), dtype=np.float32)
+                arg = torch.from_numpy(x) if fmt == "torchscript" else x
+                entry[f"us_per_image_batch{batch}"] = median_us_per_image(models[fmt], arg, repeats)
+        store = work / f"formats-{fmt}"
+        run("export", "archive", "--format", fmt, "--build-dir", str(build), "--model-store", str(store))
+        entry["archive_bytes"] = (store / "mnist.mar").stat().st_size
+        # A fresh inductor cache per server: the pt2 worker's first start includes what a first
+        # start on a new host pays (aoti_load_package's CPU-feature probes); then a second start.
+        cache = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{fmt}")}
+        starts = []
+        for attempt in range(2 if fmt == "pt2" else 1):
+            process = TorchServeProcess(store, work / f"formats-{fmt}-ts{attempt}", env=cache)
+            started = time.perf_counter()
+            server = process.start()
+            starts.append(time.perf_counter() - started)
+            try:
+                if attempt == 0:
+                    script = work / f"wrk-{fmt}.lua"
+                    script.write_text(WRK_SCRIPT.format(body=body, token=server.key("inference")))
+                    url = f"{server.inference_url}/predictions/mnist"
+                    wrk(url, script, 8, 2)  # warm-up
+                    entry["rest"] = wrk(url, script, concurrency, seconds)
+            finally:
+                process.stop()
+        entry["startup_seconds"] = starts[0]
+        if len(starts) > 1:
+            entry["startup_seconds_warm_cache"] = starts[1]
+        log(f"format {fmt}: batch 1 {entry['us_per_image_batch1']:.1f} us, batch 64 "
+            f"{entry['us_per_image_batch64']:.1f} us per image; REST {entry['rest']['requests_per_second']:,.0f} "
+            f"req/s at concurrency {concurrency} (p99 {entry['rest']['p99_ms']:.1f} ms, non-2xx "
+            f"{entry['rest']['non_2xx']}); READY after {entry['startup_seconds']:.1f} s; "
+            f"archive {entry['archive_bytes'] / 1024:.0f} KiB")
+    return results
+
+
+def formats_markdown(fr: dict) -> list[str]:
+    lines = ["", f"## Formats (CPU, 1 thread; REST: wrk, concurrency {fr['concurrency']}, "
+             f"{fr['duration_seconds']} s, 1 worker, batches of up to 16)", "",
+             "| format | us/image batch 1 | us/image batch 64 | REST req/s | p99 ms | non-2xx | "
+             "start-up to READY s | archive KiB | model file KiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for fmt, v in fr["formats"].items():
+        startup = f"{v['startup_seconds']:.1f}"
+        if "startup_seconds_warm_cache" in v:
+            startup += f" (warm inductor cache: {v['startup_seconds_warm_cache']:.1f})"
+        lines.append(f"| {fmt} | {v['us_per_image_batch1']:.1f} | {v['us_per_image_batch64']:.1f} | "
+                     f"{v['rest']['requests_per_second']:,.0f} | {v['rest']['p99_ms']:.1f} | {v['rest']['non_2xx']} | "
+                     f"{startup} | {v['archive_bytes'] / 1024:.0f} | {v['file_bytes'] / 1024:.0f} |")
+    lines += ["", "TorchScript runs frozen and oneDNN-fused, as the handler serves it on the CPU; pt2 is "
+              "compiled for this host's CPU; onnx is the edge's model.onnx in onnxruntime. Each server "
+              "starts with an empty inductor cache (pt2: then a second start with it warm)."]
+    return lines
+
+
 # results -------------------------------------------------------------------------------------
 
 def targets(r: dict) -> list[tuple[str, str, str, str]]:
@@ -384,6 +486,8 @@ def write_markdown(r: dict, path: Path) -> None:
                   f"{sv['frontend_threads']}. Device: {sv['device']}. "
                   "TorchServe's own overhead is the gap between its unbatched figure and the ceiling: "
                   "the Java frontend's HTTP handling and the frontend-to-worker socket hop per batch."]
+    if "formats" in r:
+        lines += formats_markdown(r["formats"])
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -437,6 +541,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=["1x1", "16x1", "1x2", "16x2"],
                    help="TorchServe configurations as BATCHxWORKERS")
     p.add_argument("--frontend-threads", type=int, default=2, help="TorchServe netty threads")
+    p.add_argument("--formats-only", action="store_true",
+                   help="only compare the serving formats (5.); needs --build DIR exported with --format pt2")
     p.add_argument("--render", type=Path, default=None,
                    help="only rewrite the markdown table and plot from this results JSON")
     args = p.parse_args(argv)
@@ -457,16 +563,21 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         build = args.build
+        if build is None and args.formats_only:
+            raise SystemExit("[bench] --formats-only needs --build DIR (an export made with --format pt2)")
         if build is None:
             results["training"] = bench_training_loops(CORES)
             results["recipes"] = bench_recipes(work, CORES, args.target)
             build = work / "build"
-            run("export", "build", "--checkpoint", results["recipes"]["seed"]["checkpoint"],
+            run("export", "build", "--format", "pt2", "--device", "cpu",
+                "--checkpoint", results["recipes"]["seed"]["checkpoint"],
                 "--build-dir", str(build), "--data-dir", str(DATA_DIR))
             results["inference"] = bench_inference(build, Path(results["recipes"]["seed"]["checkpoint"]))
-        if not args.skip_serving:
+        if not args.skip_serving and not args.formats_only:
             results["serving"] = bench_serving(build, work, args.seconds, args.concurrency, variants,
                                                args.frontend_threads)
+        if not args.skip_serving:
+            results["formats"] = bench_formats(build, work, args.seconds)
     results["bench_seconds"] = time.perf_counter() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{results['host']}-{results['date']}.json"

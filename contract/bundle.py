@@ -128,3 +128,13 @@ def record_files(build_dir: Path | str, names: list[str], section: str | None = 
         bundle.setdefault("edge", {})[section] = report
     write_bundle(bundle, build_dir / BUNDLE_FILE)
     return bundle
+
+
+def served_format(bundle: dict, serialized_file: str) -> tuple[str, dict]:
+    """The format ('torchscript', 'pt2' or 'onnx') and bundle.json's record of the model file an
+    archive serves: the handler and `export verify` load the model the way its format needs."""
+    for name, record in bundle.get("formats", {}).items():
+        if record["file"] == serialized_file:
+            return name, record
+    raise BundleError(f"bundle.json records no format whose file is {serialized_file!r} (it has "
+                      f"{sorted(bundle.get('formats', {}))}): rebuild with `make archive FORMAT=...`")

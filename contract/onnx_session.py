@@ -14,9 +14,10 @@ class ProviderUnavailable(RuntimeError):
     """The requested execution provider did not load."""
 
 
-def open_session(model_path: str, device: str = "cpu", threads: int = 1,
+def open_session(model_path: str | bytes, device: str = "cpu", threads: int = 1,
                  allow_tf32: bool = False) -> ort.InferenceSession:
-    """device: 'cpu', 'cuda' or 'cuda:N'. threads: intra-op threads (CPU)."""
+    """model_path: a path, or the model's bytes. device: 'cpu', 'cuda' or 'cuda:N'. threads:
+    intra-op threads (CPU)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -32,7 +33,8 @@ def open_session(model_path: str, device: str = "cpu", threads: int = 1,
                      "CPUExecutionProvider"]
     else:
         raise ValueError(f"device must be cpu, cuda or cuda:N, not {device!r}")
-    session = ort.InferenceSession(str(model_path), options, providers=providers)
+    model = model_path if isinstance(model_path, bytes) else str(model_path)
+    session = ort.InferenceSession(model, options, providers=providers)
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if session.get_providers()[0] != wanted:
         raise ProviderUnavailable(

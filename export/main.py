@@ -1,8 +1,10 @@
 """Turn a checkpoint into what the runtimes load, and check each against the eager model.
 
     python -m export [build]   checkpoints/best.pt -> build/model.pt (TorchScript),
-                               build/model.onnx (one file, dynamic batch), build/bundle.json
-    python -m export archive   build/ -> model_store/mnist.mar (torch-model-archiver)
+                               build/model.onnx (one file, dynamic batch), build/bundle.json;
+                               --format pt2 adds build/model.pt2 (torch.export + AOTInductor)
+    python -m export archive   build/ -> model_store/mnist.mar (torch-model-archiver) serving
+                               --format torchscript (default), pt2 or onnx
     python -m export quantize  build/model.onnx -> build/model.int8.onnx (static QDQ int8)
     python -m export ort       build/model.onnx -> build/model.ort (minimal/mobile onnxruntime)
     python -m export verify model_store/mnist.mar
@@ -34,11 +36,12 @@ import torch
 from PIL import Image
 
 from contract import MODEL_NAME, TOLERANCE
-from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, file_entry, load_bundle,
-                             sha256_bytes, sha256_file, write_bundle)
+from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bundle,
+                             sha256_bytes, sha256_file, served_format, write_bundle)
 from contract.framing import recipe_for
 from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, decode_image
+from export import formats
 from train.checkpoint import CheckpointError, load_checkpoint, load_model
 from train.data import DataUnavailable, ensure_dataset, load_split
 
@@ -149,21 +152,27 @@ def build(args) -> None:
 
     out = args.build_dir
     out.mkdir(parents=True, exist_ok=True)
+    # TorchScript and ONNX always (the tests and the edge use them); pt2 when asked: it compiles.
+    built = ["torchscript", "onnx"] + (["pt2"] if args.format == "pt2" else [])
+    if "pt2" in built:
+        formats.check_batch_size_fits(args.model_config)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
-        tmp = Path(tmp)
-        ts_diff = compare("TorchScript", reference, export_torchscript(model, x, tmp / "model.pt"))
-        onnx_diff = compare("ONNX (onnxruntime CPU)", reference, export_onnx(model, x, tmp / "model.onnx"))
+        records = {fmt: formats.build_format(fmt, model, x, reference, Path(tmp), args.device)
+                   for fmt in built}
         # Only models that passed their check replace the previous export.
-        for name in ("model.pt", "model.onnx"):
-            os.replace(tmp / name, out / name)
+        for record in records.values():
+            os.replace(Path(tmp) / record["file"], out / record["file"])
 
     bundle.update({
         "checkpoint": {"path": str(args.checkpoint), "sha256": sha256_file(args.checkpoint),
                        "epoch": state["epoch"], **checkpoint_figures(state),
                        "trained_on": state.get("trained_on", "cpu")},
-        "files": {name: file_entry(out / name) for name in ("model.pt", "model.onnx")},
+        "files": {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in records.values()},
+        # What each format's file is and how close it came to the eager model; `make archive
+        # FORMAT=...` packs one of them and the handler loads it as its format needs.
+        "formats": records,
         "export_check": {"images": len(x), "tolerance": TOLERANCE,
-                         "torchscript_max_abs_dp": ts_diff, "onnx_max_abs_dp": onnx_diff},
+                         **{f"{fmt}_max_abs_dp": r["max_abs_dp"] for fmt, r in records.items()}},
         # What `export verify` expects the archived model to answer for a real test image.
         "self_test": {"image_png_base64": base64.b64encode(pngs[0]).decode(), "label": int(reference[0].argmax()),
                       "probabilities": np.exp(reference[0].astype(np.float64)).tolist()},
@@ -174,7 +183,8 @@ def build(args) -> None:
     write_bundle(bundle, out / BUNDLE_FILE)
     write_samples(pngs[:5], labels[:5], data["classes"], out / "samples")
     figures = bundle["checkpoint"]
-    print(f"[export] wrote {out}/model.pt, {out}/model.onnx, {out}/{BUNDLE_FILE} "
+    written = ", ".join(str(out / r["file"]) for r in records.values())
+    print(f"[export] wrote {written}, {out}/{BUNDLE_FILE} "
           f"({data['dataset']}, epoch {state['epoch']}, chosen on {figures['chosen_on']}; test accuracy "
           f"{100 * figures['test_accuracy']:.2f}%)")
 
@@ -189,11 +199,14 @@ def archiver_command() -> str:
 
 
 def archive(args) -> Path:
-    """build/ -> <model-store>/mnist.mar with torch-model-archiver."""
+    """build/ -> <model-store>/mnist.mar with torch-model-archiver, serving args.format's file."""
     build_dir = args.build_dir
-    for name in ("model.pt", BUNDLE_FILE):
-        if not (build_dir / name).exists():
-            raise SystemExit(f"[export] {build_dir / name} is missing: run `make export` first")
+    if not (build_dir / BUNDLE_FILE).exists():
+        raise SystemExit(f"[export] {build_dir / BUNDLE_FILE} is missing: run `make export` first")
+    record = load_bundle(build_dir / BUNDLE_FILE).get("formats", {}).get(args.format)
+    if record is None or not (build_dir / record["file"]).exists():
+        raise SystemExit(f"[export] {build_dir} holds no {args.format} model: run "
+                         f"`make export FORMAT={args.format}` (python -m export build --format {args.format}) first")
     args.model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=build_dir) as tmp:
         # torch-model-archiver copies the *contents* of an extra-files directory into the
@@ -205,7 +218,7 @@ def archive(args) -> Path:
         shutil.copy2(build_dir / BUNDLE_FILE, stage / BUNDLE_FILE)
         command = [archiver_command(),
                    "--model-name", MODEL_NAME, "--version", args.version,
-                   "--serialized-file", str(build_dir / "model.pt"),
+                   "--serialized-file", str(build_dir / record["file"]),
                    "--handler", str(ROOT / "handlers" / "mnist_handler.py"),
                    "--extra-files", str(stage),
                    "--config-file", str(args.model_config),
@@ -213,7 +226,7 @@ def archive(args) -> Path:
         subprocess.run(command, check=True)
         target = args.model_store / f"{MODEL_NAME}.mar"
         os.replace(Path(tmp) / f"{MODEL_NAME}.mar", target)  # a server never sees half a file
-    print(f"[export] wrote {target} ({target.stat().st_size / 1024:.0f} KiB)")
+    print(f"[export] wrote {target} ({args.format}, {target.stat().st_size / 1024:.0f} KiB)")
     return target
 
 
@@ -239,18 +252,15 @@ def verify_archive(mar: Path) -> dict:
         actual = sha256_bytes(model_bytes)
         if actual != expected:
             raise BundleError(f"{mar}: {serialized} has SHA-256 {actual}, bundle.json expects {expected}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu")
+    fmt, record = served_format(bundle, serialized)
     test = bundle["self_test"]
     x = decode_image(base64.b64decode(test["image_png_base64"]), InputSpec.from_bundle(bundle))
-    with torch.inference_mode():
-        p = model(torch.from_numpy(x)).exp().double().numpy()[0]
+    p = np.exp(formats.self_test_log_probs(fmt, record, model_bytes, x).astype(np.float64))[0]
     max_diff = float(np.abs(p - np.array(test["probabilities"])).max())
     if int(p.argmax()) != test["label"] or max_diff > TOLERANCE:
         raise BundleError(f"{mar}: the model answers label {int(p.argmax())} (max |dp| {max_diff:.3g}) "
                           f"where bundle.json expects label {test['label']}")
-    print(f"[export] {mar}: OK: manifest, {serialized} SHA-256 {actual[:12]}..., self-test label "
+    print(f"[export] {mar}: OK: manifest, {serialized} ({fmt}) SHA-256 {actual[:12]}..., self-test label "
           f"{test['label']} ({bundle['classes'][test['label']]}), max |dp| {max_diff:.3g}")
     return bundle
 
@@ -272,6 +282,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-config", type=Path, default=ROOT / "handlers" / "model-config.yaml",
                    help="TorchServe model-config.yaml (workers, batching, handler settings) to pack")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--format", choices=tuple(formats.FILES), default=formats.DEFAULT_FORMAT,
+                   help="build: also build this format (pt2 compiles, about 30 s); archive: serve it")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="pt2 only: the device to compile for, where it will be served "
+                        "(default: cuda when PyTorch sees a GPU, else cpu)")
     return p.parse_args(argv)
 
 

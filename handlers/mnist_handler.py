@@ -9,6 +9,11 @@ per batch. TorchServe hands over a batch of requests and fails the whole batch i
 raises, so a request that cannot be decoded is answered with its own 4xx status and JSON error
 while the rest of the batch is served.
 
+The archive's model file is in one of three formats (bundle.json's "formats" says which):
+TorchScript (model.pt, loaded by BaseHandler), pt2 (model.pt2, compiled ahead of time by
+AOTInductor, loaded with aoti_load_package) or ONNX (model.onnx, run by onnxruntime). The format
+only decides how initialize() loads the model; inference() calls the one callable it made.
+
 Per-model settings come from model-config.yaml (packed into the .mar by `make archive`):
     handler:
       torch_threads: 1     # intra-op threads per worker (workers x threads <= cores)
@@ -35,7 +40,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from contract import responses
-from contract.bundle import BUNDLE_FILE, BundleError, load_bundle, verify_file
+from contract.bundle import BUNDLE_FILE, BundleError, load_bundle, served_format, verify_file
 from contract.preprocessing import InputSpec, InvalidInput, preprocess, preprocess_framed
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,40 @@ def configure_tf32(allow: bool) -> None:
     torch.backends.cudnn.allow_tf32 = allow
     torch.backends.cuda.matmul.allow_tf32 = allow
     torch.set_float32_matmul_precision("high" if allow else "highest")
+
+
+def worker_device(properties: dict) -> torch.device:
+    """The device TorchServe gives this worker, chosen as BaseHandler chooses it."""
+    if torch.cuda.is_available() and properties.get("gpu_id") is not None:
+        return torch.device(f"cuda:{properties['gpu_id']}")
+    return torch.device("cpu")
+
+
+def load_compiled_model(path: Path, record: dict, device: torch.device):
+    """The pt2 model as a callable on `device`; refuses a package compiled for another device."""
+    compiled_for = torch.device(record["device"])
+    if compiled_for.type != device.type:
+        raise BundleError(f"{path.name} was compiled for {compiled_for.type} but this worker runs on "
+                          f"{device}: rebuild the archive on the serving host with `make archive FORMAT=pt2`")
+    # Loads the shared library AOTInductor built at export: nothing is compiled here.
+    runner = torch._inductor.aoti_load_package(str(path), device_index=device.index if device.type == "cuda" else -1)
+    max_batch = int(record["max_batch"])
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        # Compiled for batches up to max_batch; TorchServe's batchSize stays below it.
+        return torch.cat([runner(images[i:i + max_batch]) for i in range(0, len(images), max_batch)])
+
+    return run
+
+
+def load_onnx_model(path: Path, device: torch.device, threads: int, allow_tf32: bool):
+    """The ONNX model as a callable: an onnxruntime session on the worker's device that fails
+    loudly when the CUDA provider did not load (contract.onnx_session)."""
+    from contract.onnx_session import open_session, run_log_probs
+
+    session = open_session(str(path), str(device), threads=threads, allow_tf32=allow_tf32)
+    # onnxruntime takes host arrays and copies to the GPU itself.
+    return lambda images: torch.from_numpy(run_log_probs(session, images.cpu().numpy()))
 
 
 FILE_FIELDS = ("file", "image", "data")  # preferred multipart fields, in order
@@ -109,9 +148,10 @@ def request_headers(context, idx: int) -> tuple[dict[str, str], dict[str, str]]:
 
 class MnistHandler(BaseHandler):
     # TorchServe takes the handler module's only class as the entry point: batches travel
-    # between the steps as (images, errors, framings) tuples. images: (n_valid, C, H, W) on the
-    # model's device, or None; errors: one slot per request, None where the request is valid;
-    # framings: one slot per request, what framing did (None for an error).
+    # between the steps as (images, errors, framings) tuples. images: (n_valid, C, H, W) on
+    # self.device, or None; errors: one slot per request, None where the request is valid;
+    # framings: one slot per request, what framing did (None for an error). self.model, in every
+    # format, maps a float32 batch to log-probabilities.
 
     def initialize(self, context):
         properties = context.system_properties
@@ -120,27 +160,43 @@ class MnistHandler(BaseHandler):
         try:
             self.bundle = load_bundle(model_dir / BUNDLE_FILE)
             verify_file(self.bundle, model_dir, serialized_file)
+            self.format, record = served_format(self.bundle, serialized_file)
         except BundleError as error:
             logger.error("refusing to serve %s: %s", serialized_file, error)
             raise
         settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
-        torch.set_num_threads(int(settings.get("torch_threads", 1)))
-        configure_tf32(bool(settings.get("allow_tf32", False)))
-        super().initialize(context)  # device from TorchServe's gpu_id; torch.jit.load; eval()
-        self.initialize_explanations(int(settings.get("explain_steps", 64)))
-        if self.device.type == "cpu" and settings.get("optimize_for_inference", True):
-            # Frozen, with oneDNN's fused convolutions: 2x faster per image at batch 8 (measured
-            # on the 2-core CPU host, README "Performance"); within 1e-6 of the plain model
-            # (the parity tests hold it to 1e-5).
-            self.model = torch.jit.optimize_for_inference(torch.jit.freeze(self.model))
+        threads, allow_tf32 = int(settings.get("torch_threads", 1)), bool(settings.get("allow_tf32", False))
+        torch.set_num_threads(threads)
+        configure_tf32(allow_tf32)
+        model_device = worker_device(properties)
+        if self.format == "torchscript":
+            super().initialize(context)  # device from TorchServe's gpu_id; torch.jit.load; eval()
+            self.initialize_explanations(int(settings.get("explain_steps", 64)))
+            if self.device.type == "cpu" and settings.get("optimize_for_inference", True):
+                # Frozen, with oneDNN's fused convolutions: 2x faster per image at batch 8 (measured
+                # on the 2-core CPU host, README "Performance"); within 1e-6 of the plain model
+                # (the parity tests hold it to 1e-5).
+                self.model = torch.jit.optimize_for_inference(torch.jit.freeze(self.model))
+        else:  # compiled or ONNX: a forward pass only, no gradients to explain with
+            self.explained_model = None
+        if self.format == "pt2":
+            self.device = model_device
+            self.model = load_compiled_model(model_dir / serialized_file, record, self.device)
+        elif self.format == "onnx":
+            self.device = torch.device("cpu")  # where preprocess leaves the batch for onnxruntime
+            self.model = load_onnx_model(model_dir / serialized_file, model_device, threads, allow_tf32)
+        self.initialized = True
         self.spec = InputSpec.from_bundle(self.bundle)
         self.classes = self.bundle["classes"]
-        with torch.inference_mode():  # first call compiles TorchScript's graph: not a user's wait
+        # The first call optimizes TorchScript's graph and allocates the other runtimes' buffers:
+        # not a user's wait.
+        with torch.inference_mode():
             self.model(torch.zeros(1, self.spec.channels, self.spec.height, self.spec.width,
                                    device=self.device))
-        logger.info("serving %s (%s, %d classes) on %s, TF32 %s, %d torch thread(s); SHA-256 verified",
-                    self.bundle["model_name"], self.bundle["dataset"], len(self.classes), self.device,
-                    "on" if settings.get("allow_tf32") else "off", torch.get_num_threads())
+        logger.info("serving %s (%s, %d classes) from %s (%s) on %s, TF32 %s, %d torch thread(s); "
+                    "SHA-256 verified", self.bundle["model_name"], self.bundle["dataset"], len(self.classes),
+                    serialized_file, self.format, model_device, "on" if allow_tf32 else "off",
+                    torch.get_num_threads())
 
     def handle(self, data, context):
         # BaseHandler.handle looks at the first request's "explain" header only and answers the
@@ -247,12 +303,26 @@ class MnistHandler(BaseHandler):
         wanted = self.explanation_requests(errors)
         if not wanted:
             return answers
+        if self.explained_model is None:
+            return self.refuse_explanations(wanted, answers)
         rows = list(wanted.values())
         labels = probabilities[rows].argmax(1)
         attributions, details = self.explain_attributions(images[rows], labels)
         for (idx, row), attribution, detail in zip(wanted.items(), attributions, details):
             answers[idx] = responses.dumps(responses.explanation(
                 probabilities[row], self.classes, attribution, detail, framings[idx]))
+        return answers
+
+    def refuse_explanations(self, wanted: dict[int, int], answers: list[str]) -> list[str]:
+        """A pt2 or ONNX archive runs a forward pass only: /explanations says so, with the way out."""
+        error = InvalidInput(f"this archive serves the {self.format} model, which has no gradients "
+                             "to explain with; explanations need the TorchScript archive (make archive "
+                             "FORMAT=torchscript), or run `python -m edge IMAGE --explain DIR`", 501)
+        for idx in wanted:
+            self.context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
+            answers[idx] = responses.dumps(error.to_response())
+        self.statuses[200] -= len(wanted)
+        self.statuses[error.status] += len(wanted)
         return answers
 
     def explain_attributions(self, images: torch.Tensor, labels: np.ndarray):

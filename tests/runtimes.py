@@ -1,4 +1,4 @@
-"""The four runtimes, each fed the same PNG bytes, each returning float64 probabilities."""
+"""The runtimes, each fed the same PNG bytes, each returning float64 probabilities."""
 from __future__ import annotations
 
 import json
@@ -27,6 +27,14 @@ def eager(checkpoint, x: np.ndarray, device: str = "cpu") -> np.ndarray:
 
 def torchscript(path, x: np.ndarray, device: str = "cpu") -> np.ndarray:
     model = torch.jit.load(str(path), map_location=device)
+    with torch.inference_mode():
+        return model(torch.from_numpy(x).to(device)).exp().double().cpu().numpy()
+
+
+def pt2(path, x: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """The AOTInductor package, loaded as the handler loads it (compiled for `device`)."""
+    from export.formats import load_pt2
+    model = load_pt2(str(path), torch.device(device))
     with torch.inference_mode():
         return model(torch.from_numpy(x).to(device)).exp().double().cpu().numpy()
 

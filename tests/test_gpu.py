@@ -101,3 +101,52 @@ def test_training_fast_path_on_cuda(tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("[train] epoch")]
     assert len(lines) == 2 and "device cuda" in result.stdout
     report(f"CUDA training ({torch.cuda.get_device_name(0)}): " + " | ".join(lines))
+
+
+# The pt2 and ONNX archives on the GPU (issue 14): the pt2 model compiled by AOTInductor for
+# cuda:0 here, the ONNX model run by onnxruntime's CUDA provider (TF32 off), each served by a
+# TorchServe whose worker is on the GPU.
+
+@pytest.fixture(scope="module")
+def gpu_format_archives(artifacts, tmp_path_factory):
+    from tests.test_formats import build_format_archives
+    base = tmp_path_factory.mktemp("gpu-formats")
+    return build_format_archives(artifacts, base, "cuda:0", base / "inductor-cache")
+
+
+@pytest.fixture(scope="module", params=("pt2", "onnx"))
+def gpu_format_server(request, gpu_format_archives, tmp_path_factory):
+    from serve.process import TorchServeProcess
+    fmt = request.param
+    process = TorchServeProcess(gpu_format_archives.stores[fmt], tmp_path_factory.mktemp(f"torchserve-gpu-{fmt}"),
+                                env={"TORCHINDUCTOR_CACHE_DIR": str(gpu_format_archives.inductor_cache)})
+    process.start()
+    yield fmt, process
+    process.stop()
+
+
+def test_gpu_served_formats_agree(artifacts, gpu_format_archives, gpu_format_server, gpu_pngs):
+    fmt, process = gpu_format_server
+    server = process.server
+    assert gpu_format_archives.bundle["formats"]["pt2"]["device"] == "cuda:0"
+    workers = server.describe()["workers"]
+    assert [w["gpu"] for w in workers] == [True], f"the TorchServe worker is not on a GPU: {workers}"
+    log = (process.workdir / "logs" / "model_log.log").read_text()
+    assert f"({fmt}) on cuda" in log, "the handler did not log loading this format on the GPU"
+    x = runtimes.preprocessed(gpu_pngs, gpu_format_archives.bundle)
+    onnx, providers = runtimes.onnxruntime(gpu_format_archives.build_dir / "model.onnx", x, "cuda:0")
+    assert providers[0] == "CUDAExecutionProvider", providers
+    eager = runtimes.eager(artifacts.checkpoint_dir / "best.pt", x, "cuda:0")
+    served, _ = runtimes.served(server, gpu_pngs)
+    results = {"eager cuda": eager, "onnxruntime cuda": onnx, f"torchserve gpu {fmt}": served}
+    if fmt == "pt2":
+        results["pt2 cuda in-process"] = runtimes.pt2(gpu_format_archives.build_dir / "model.pt2", x, "cuda:0")
+    device = torch.cuda.get_device_name(0)
+    for pair, value in runtimes.agreement(results).items():
+        report(f"GPU parity ({device}), {fmt} archive, {len(gpu_pngs)} images, sequential: {pair}: max |dp| = {value:.3g}")
+
+    served_batched, batches = runtimes.served(server, gpu_pngs, concurrency=32)
+    assert max(batches) > 1, "concurrent requests should have been batched by TorchServe"
+    maxima = runtimes.agreement({"eager cuda": eager, f"torchserve gpu {fmt} (batched)": served_batched})
+    report(f"GPU parity ({device}), {fmt} archive, 32 concurrent clients, batch sizes {sorted(set(batches))}: "
+           f"max |dp| = {max(maxima.values()):.3g}")
