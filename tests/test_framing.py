@@ -56,7 +56,7 @@ def test_auto_leaves_every_test_image_alone(fashion_test_set, recipe):
 def test_framing_on_keeps_a_data_set_image_close_to_itself(fashion_test_set):
     images = fashion_test_set.images[:200].numpy().astype(np.float64)
     scores = [correlation(frame(image, None, FASHION, "on")[0], image) for image in images]
-    assert np.median(scores) > 0.98 and min(scores) > 0.75, (np.median(scores), min(scores))
+    assert np.median(scores) > 0.96 and min(scores) > 0.7, (np.median(scores), min(scores))
 
 
 # ---- the steps ----------------------------------------------------------------------------------
