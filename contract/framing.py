@@ -9,6 +9,9 @@ Input: a luminance image L (H x W, float64, 0..255; ITU-R 601-2 luma, Pillow's "
 image with transparency, its alpha A (H x W, 0..1), both taken after the EXIF orientation has been
 applied (`upright`). Steps, in order:
 
+0. Bound the cost: when max(H, W) > recipe["max_side"] (1024), k = ceil(max(H, W) / max_side)
+   and L (and A) become the means of k x k blocks; the last H mod k rows and W mod k columns,
+   which fill no block, are dropped.
 1. Ink from alpha (only when the image has an alpha channel with at least one pixel below 1).
    The content's mean luminance m = sum(L * A) / sum(A); the image is composited over white when
    m < 127.5 (dark strokes) and over black otherwise: L = A * L + (1 - A) * background. A canvas
@@ -64,7 +67,8 @@ from PIL import Image, ImageOps
 
 MODES = ("auto", "on", "off")
 
-_COMMON = {"canvas": 28, "min_contrast": 24.0, "object_threshold": 0.1, "polarity_threshold": 127.5}
+_COMMON = {"canvas": 28, "min_contrast": 24.0, "object_threshold": 0.1, "polarity_threshold": 127.5,
+           "max_side": 1024}
 RECIPES = {
     "mnist": {"name": "mnist", "box": 20, "center": "mass", "sharpen": 0.0, **_COMMON},
     # sharpen 1.5: the best of 0.5, 0.75, 1 and 1.5 on 400 paper/canvas/phone inputs of each form,
@@ -119,8 +123,9 @@ def frame(gray: np.ndarray, alpha: np.ndarray | None, recipe: dict, mode: str = 
     transparent = alpha is not None and bool((alpha < 1).any())
     if mode == "off":
         return None, report
-    L = gray.astype(np.float64)
+    L, k = reduce_large(gray.astype(np.float64), recipe)
     if transparent:
+        alpha, _ = reduce_large(alpha.astype(np.float64), recipe)
         L = ink_from_alpha(L, alpha.astype(np.float64))
         if L is None:
             report["reason"] = "fully transparent image"
@@ -142,8 +147,19 @@ def frame(gray: np.ndarray, alpha: np.ndarray | None, recipe: dict, mode: str = 
     placed = place(scale_to_box(ink[r0:r1 + 1, c0:c1 + 1], int(recipe["box"])), recipe)
     framed = sharpen(placed, float(recipe.get("sharpen", 0.0)))  # absent in early bundles: 0
     report.update({"applied": True, "recipe": recipe["name"], "inverted": light,
-                   "box": [int(c0), int(r0), int(c1 - c0 + 1), int(r1 - r0 + 1)]})
+                   "box": [int(c0) * k, int(r0) * k, int(c1 - c0 + 1) * k, int(r1 - r0 + 1) * k]})
     return framed, report
+
+
+def reduce_large(x: np.ndarray, recipe: dict) -> tuple[np.ndarray, int]:
+    """k x k block means for images beyond max_side (step 0): a 16-megapixel photo costs about
+    what a 1-megapixel one does."""
+    max_side = int(recipe.get("max_side", 0))  # absent in early bundles: no reduction
+    if not max_side or max(x.shape) <= max_side:
+        return x, 1
+    k = math.ceil(max(x.shape) / max_side)
+    h, w = x.shape[0] // k, x.shape[1] // k
+    return x[:h * k, :w * k].reshape(h, k, w, k).mean(axis=(1, 3)), k
 
 
 def ink_from_alpha(L: np.ndarray, A: np.ndarray) -> np.ndarray | None:

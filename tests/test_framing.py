@@ -135,6 +135,15 @@ def test_mnist_recipe_scales_into_20x20_and_centres_the_mass():
     assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5, (cy, cx)
 
 
+def test_a_large_photo_is_reduced_first_and_framed_like_a_small_one():
+    big = np.full((3000, 4000), 225, np.uint8)
+    big[600:2400, 1600:2500] = 35  # 1800 x 900 object
+    framed, what = preprocess_framed(encode_image(big, "PNG"), SPEC)
+    assert what["applied"] and what["box"] == [1600, 600, 900, 1800]  # k = 4: upright pixels
+    small = np.asarray(Image.fromarray(big).reduce(4))
+    np.testing.assert_allclose(framed, decode_image(encode_image(small, "PNG"), SPEC), atol=1e-5)
+
+
 # ---- choosing framing, and what is reported -----------------------------------------------------
 
 def test_a_request_chooses_framing_and_bad_choices_are_refused(fashion_test_set):
