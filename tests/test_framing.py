@@ -56,7 +56,7 @@ def test_auto_leaves_every_test_image_alone(fashion_test_set, recipe):
 def test_framing_on_keeps_a_data_set_image_close_to_itself(fashion_test_set):
     images = fashion_test_set.images[:200].numpy().astype(np.float64)
     scores = [correlation(frame(image, None, FASHION, "on")[0], image) for image in images]
-    assert np.median(scores) > 0.98 and min(scores) > 0.75, (np.median(scores), min(scores))
+    assert np.median(scores) > 0.96 and min(scores) > 0.7, (np.median(scores), min(scores))
 
 
 # ---- the steps ----------------------------------------------------------------------------------
@@ -133,6 +133,15 @@ def test_mnist_recipe_scales_into_20x20_and_centres_the_mass():
     cy = (ink.sum(axis=1) * (np.arange(28) + 0.5)).sum() / ink.sum()
     cx = (ink.sum(axis=0) * (np.arange(28) + 0.5)).sum() / ink.sum()
     assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5, (cy, cx)
+
+
+def test_a_large_photo_is_reduced_first_and_framed_like_a_small_one():
+    big = np.full((3000, 4000), 225, np.uint8)
+    big[600:2400, 1600:2500] = 35  # 1800 x 900 object
+    framed, what = preprocess_framed(encode_image(big, "PNG"), SPEC)
+    assert what["applied"] and what["box"] == [1600, 600, 900, 1800]  # k = 4: upright pixels
+    small = np.asarray(Image.fromarray(big).reduce(4))
+    np.testing.assert_allclose(framed, decode_image(encode_image(small, "PNG"), SPEC), atol=1e-5)
 
 
 # ---- choosing framing, and what is reported -----------------------------------------------------
