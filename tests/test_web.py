@@ -25,7 +25,7 @@ from PIL import Image
 
 from contract import TOLERANCE
 from contract.onnx_session import open_session, run_log_probs
-from contract.preprocessing import InputSpec, _to_gray, preprocess, preprocess_framed
+from contract.preprocessing import InputSpec, decode, preprocess, preprocess_framed
 from tests.conftest import ROOT, encode_image, report, run_module
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -236,7 +236,7 @@ def test_preprocessing_module_matches_python(page, artifacts, fashion_test_set):
         return {via: rgba.via, rgba: Array.from(rgba.data), gray: Array.from(m.toGray(rgba))}; }""", [every_alpha, "webgl"])
     assert decoded["via"] == "webgl", "Chromium gave no WebGL context: the page decodes through the 2D canvas"
     assert np.array_equal(np.array(decoded["rgba"], np.uint8).reshape(rgba.shape), rgba)
-    expected_gray = _to_gray(Image.open(io.BytesIO(encode_image(rgba))))
+    expected_gray = decode(encode_image(rgba)).gray  # composited over black, as the page does
     assert np.array_equal(np.array(decoded["gray"], np.float32).reshape(256, 256), expected_gray)
     fallback = page.evaluate("""async ([b64, via]) => {
         const m = await import('/preprocessing.js');

@@ -1,5 +1,5 @@
 // The browser's copy of contract/framing.py: frame a drawing or a photo the way the data set was
-// made (ink from alpha, background polarity and level, contrast, crop, scale into the recipe's
+// made (large images reduced, ink from alpha, background polarity and level, contrast, crop, scale into the recipe's
 // box, centre, sharpen). The Python docstring specifies each step; this follows it in float64, in the
 // same order of operations, and tests/test_web.py checks the two agree.
 
@@ -54,19 +54,36 @@ function removeBackground(L) {
   return out;
 }
 
-/** Darkest ink to 255, everything under the floor to 0 (step 4); null when there is no object. */
+/** k x k block means for images beyond max_side (step 0); the remainder rows and columns drop. */
+function reduceLarge(im, recipe) {
+  const maxSide = recipe.max_side ?? 0; // absent in bundles from before step 0: no reduction
+  if (!maxSide || Math.max(im.h, im.w) <= maxSide) return { im, k: 1 };
+  const k = Math.ceil(Math.max(im.h, im.w) / maxSide);
+  const h = Math.floor(im.h / k), w = Math.floor(im.w / k);
+  const out = image(h, w);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      let sum = 0;
+      for (let dy = 0; dy < k; dy++) for (let dx = 0; dx < k; dx++) sum += im.v[(y * k + dy) * im.w + x * k + dx];
+      out.v[y * w + x] = sum / (k * k);
+    }
+  }
+  return { im: out, k };
+}
+
+/** Darkest ink to 255 (step 4); null when there is no object. */
 function stretchContrast(ink, recipe) {
   const peak = ink.v.reduce((a, b) => Math.max(a, b), -Infinity);
   if (peak < recipe.min_contrast) return null;
-  const floor = recipe.ink_floor * peak;
-  return image(ink.h, ink.w, ink.v.map((v) => Math.min(Math.max((v - floor) / (peak - floor), 0), 1) * 255));
+  return image(ink.h, ink.w, ink.v.map((v) => v / peak * 255));
 }
 
-function boundingBox(ink) {
+/** Rows r0..r1 and columns c0..c1 (inclusive) of the pixels above `threshold` (step 5). */
+function boundingBox(ink, threshold) {
   let r0 = Infinity, r1 = -1, c0 = Infinity, c1 = -1;
   for (let y = 0; y < ink.h; y++) {
     for (let x = 0; x < ink.w; x++) {
-      if (ink.v[y * ink.w + x] > 0) {
+      if (ink.v[y * ink.w + x] > threshold) {
         r0 = Math.min(r0, y); r1 = Math.max(r1, y); c0 = Math.min(c0, x); c1 = Math.max(c1, x);
       }
     }
@@ -171,22 +188,23 @@ export function frame(luma, alpha, width, height, recipe, mode = "auto") {
   const report = { mode, applied: false };
   if (mode === "off") return { framed: null, report };
   const transparent = alpha !== null && alpha.some((a) => a < 1);
-  let L = image(height, width, Float64Array.from(luma));
+  let { im: L, k } = reduceLarge(image(height, width, Float64Array.from(luma)), recipe);
   if (transparent) {
-    L = inkFromAlpha(L, alpha);
+    const A = reduceLarge(image(height, width, Float64Array.from(alpha)), recipe).im.v;
+    L = inkFromAlpha(L, A);
     if (L === null) return { framed: null, report: { ...report, reason: "fully transparent image" } };
     report.ink_from = "alpha";
   }
   const light = lightBackground(L, recipe);
-  if (mode === "auto" && height === recipe.canvas && width === recipe.canvas && !transparent && !light) {
+  if (mode === "auto" && L.h === recipe.canvas && L.w === recipe.canvas && !transparent && !light) {
     return { framed: null, report: { ...report, reason: "already in the data set's form" } };
   }
   if (light) L = image(L.h, L.w, L.v.map((v) => 255 - v));
   const ink = stretchContrast(removeBackground(L), recipe);
   if (ink === null) return { framed: null, report: { ...report, reason: "no object found (too little contrast)" } };
-  const [r0, r1, c0, c1] = boundingBox(ink);
+  const [r0, r1, c0, c1] = boundingBox(ink, recipe.object_threshold * 255);
   const placed = place(scaleToBox(crop(ink, r0, r1, c0, c1), recipe.box), recipe);
   const framed = sharpen(placed, recipe.sharpen ?? 0); // absent in bundles from before step 8
-  Object.assign(report, { applied: true, recipe: recipe.name, inverted: light, box: [c0, r0, c1 - c0 + 1, r1 - r0 + 1] });
+  Object.assign(report, { applied: true, recipe: recipe.name, inverted: light, box: [c0 * k, r0 * k, (c1 - c0 + 1) * k, (r1 - r0 + 1) * k] });
   return { framed, report };
 }
