@@ -125,7 +125,7 @@ def _explain(error: Exception, public_key: Path) -> str:
         changed = re.findall(r"Hash mismatch for '([^']+)'", text)
         added = re.findall(r"Extra files found in model '[^']*': ([^\"'\]]+)", text)
         removed = re.findall(r"Missing files in model '[^']*': ([^\"'\]]+)", text)
-        parts = ([f"changed after signing: {', '.join(changed)}"] if changed else []) + \
+        parts = ([f"changed after signing (SHA-256 differs from the signed one): {', '.join(changed)}"] if changed else []) + \
                 ([f"added after signing: {', '.join(added)}"] if added else []) + \
                 ([f"removed after signing: {', '.join(removed)}"] if removed else [])
         return "; ".join(parts) or text
