@@ -47,7 +47,7 @@ from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, decode_image
 from export import signing
 from export.verify import unpack, verify_archive
-from train.checkpoint import CheckpointError, load_checkpoint, load_model
+from train.checkpoint import CheckpointError, load_checkpoint, load_model, reconcile_best
 from train.data import DataUnavailable, ensure_dataset, load_split
 
 ONNX_OPSET = 18
@@ -129,6 +129,8 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 def build(args) -> None:
     try:
+        if args.checkpoint.name == "best.pt" and args.checkpoint.with_name("last.pt").exists():
+            reconcile_best(args.checkpoint.parent)  # a training run stopped between its two writes
         state = load_checkpoint(args.checkpoint)
     except CheckpointError as error:
         raise SystemExit(f"[export] {error}")
