@@ -3,8 +3,8 @@ kill leaves consistent, and the files a served model leaves on the host."""
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 import signal
 import stat
 import struct
@@ -15,18 +15,34 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 import torch
 
-from contract.bundle import BUNDLE_FILE, BundleError, load_bundle, sha256_bytes, verify_recorded_files
+from contract.bundle import BUNDLE_FILE, load_bundle, sha256_bytes, verify_recorded_files
 from export import signing
 from export.signing import SIGNATURE_NAME, SignatureError, create_key_pair
 from export.verify import ArchiveError, unpack, verify_archive
-from serve.client import read_properties
+from serve.client import Server, read_properties
 from serve.process import free_ports, write_config
 from tests.conftest import DATA_DIR, ROOT, report, run_module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, signing_keys):
+    """A model trained one epoch on 2,000 real images, exported, archived and signed with the
+    suite's key: the real commands, small enough to rebuild in the kill tests."""
+    base = tmp_path_factory.mktemp("tiny")
+    run_module("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--epochs", "1",
+               "--train-limit", "2000", "--test-limit", "500", "--threads", "1",
+               "--checkpoint-dir", str(base / "checkpoints"))
+    run_module("export", "build", "--checkpoint", str(base / "checkpoints" / "best.pt"), "--build-dir",
+               str(base / "build"), "--data-dir", str(DATA_DIR), "--check-images", "64")
+    run_module("export", "archive", "--build-dir", str(base / "build"), "--model-store", str(base / "store"))
+    return SimpleNamespace(checkpoint=base / "checkpoints" / "best.pt", build_dir=base / "build",
+                           model_store=base / "store", mar=base / "store" / "mnist.mar")
 
 
 # ---------------------------------------------------------------- archives, rewritten as an attacker would
@@ -80,65 +96,65 @@ def refuse_model_loading(monkeypatch):
     monkeypatch.setattr(onnxruntime, "InferenceSession", forbidden)
 
 
-def test_the_signed_archive_verifies_and_carries_its_signature(artifacts, signing_keys):
-    with zipfile.ZipFile(artifacts.mar) as mar:
+def test_the_signed_archive_verifies_and_carries_its_signature(tiny, signing_keys):
+    with zipfile.ZipFile(tiny.mar) as mar:
         names = mar.namelist()
     assert SIGNATURE_NAME in names
     assert not any(name.endswith((".pem", ".key")) for name in names)  # never the private key
-    bundle = verify_archive(artifacts.mar, signing_keys.public)
-    assert bundle["self_test"]["label"] == artifacts.bundle["self_test"]["label"]
+    bundle = verify_archive(tiny.mar, signing_keys.public)
+    assert bundle == load_bundle(tiny.build_dir)
 
 
-def test_an_edited_handler_is_refused_by_name(artifacts, signing_keys, tmp_path, refuse_model_loading):
-    with zipfile.ZipFile(artifacts.mar) as mar:
+def test_an_edited_handler_is_refused_by_name(tiny, signing_keys, tmp_path, refuse_model_loading):
+    with zipfile.ZipFile(tiny.mar) as mar:
         handler = mar.read("mnist_handler.py")
-    edited = rewrite(artifacts.mar, tmp_path / "mnist.mar",
+    edited = rewrite(tiny.mar, tmp_path / "mnist.mar",
                      replace={"mnist_handler.py": handler + b"\nimport os; os.system('id')\n"})
     with pytest.raises(SignatureError, match=r"changed after signing.*mnist_handler\.py"):
         verify_archive(edited, signing_keys.public)
 
 
-def test_a_swapped_model_with_recomputed_hashes_is_refused(artifacts, signing_keys, tmp_path,
+def test_a_swapped_model_with_recomputed_hashes_is_refused(tiny, signing_keys, tmp_path,
                                                           refuse_model_loading):
     """The attack the SHA-256 in bundle.json alone cannot stop: swap the model and fix bundle.json."""
-    with zipfile.ZipFile(artifacts.mar) as mar:
+    with zipfile.ZipFile(tiny.mar) as mar:
         bundle = json.loads(mar.read(BUNDLE_FILE))
-    other = (artifacts.build_dir / "model.onnx").read_bytes()  # any other model file
+    other = (tiny.build_dir / "model.onnx").read_bytes()  # any other model file
     bundle["files"]["model.pt"]["sha256"] = sha256_bytes(other)
     bundle["files"]["model.pt"]["bytes"] = len(other)
-    swapped = rewrite(artifacts.mar, tmp_path / "mnist.mar",
+    swapped = rewrite(tiny.mar, tmp_path / "mnist.mar",
                       replace={"model.pt": other, BUNDLE_FILE: json.dumps(bundle).encode()})
     with pytest.raises(SignatureError) as refused:
         verify_archive(swapped, signing_keys.public)
     assert "model.pt" in str(refused.value) and BUNDLE_FILE in str(refused.value)
 
 
-def test_an_added_or_removed_file_is_refused_by_name(artifacts, signing_keys, tmp_path, refuse_model_loading):
-    added = rewrite(artifacts.mar, tmp_path / "added.mar", add={"contract/sitecustomize.py": b"print(1)\n",
+def test_an_added_or_removed_file_is_refused_by_name(tiny, signing_keys, tmp_path, refuse_model_loading):
+    added = rewrite(tiny.mar, tmp_path / "added.mar", add={"contract/sitecustomize.py": b"print(1)\n",
                                                                 ".gitattributes": b"* binary\n"})
     with pytest.raises(SignatureError, match=r"added after signing.*contract/sitecustomize\.py") as refused:
         verify_archive(added, signing_keys.public)
     assert ".gitattributes" in str(refused.value)  # model-signing's default would skip .git* files
-    removed = rewrite(artifacts.mar, tmp_path / "removed.mar", drop=("model-config.yaml",))
+    removed = rewrite(tiny.mar, tmp_path / "removed.mar", drop=("model-config.yaml",))
     with pytest.raises(SignatureError, match=r"removed after signing: model-config\.yaml"):
         verify_archive(removed, signing_keys.public)
 
 
-def test_another_signer_or_no_signature_is_refused(artifacts, signing_keys, tmp_path, refuse_model_loading):
+def test_another_signer_or_no_signature_is_refused(tiny, signing_keys, tmp_path, refuse_model_loading):
     _, stranger = create_key_pair(tmp_path / "stranger")
     with pytest.raises(SignatureError, match="not signed by the configured public key"):
-        verify_archive(artifacts.mar, stranger)
-    unsigned = rewrite(artifacts.mar, tmp_path / "unsigned.mar", drop=(SIGNATURE_NAME,))
+        verify_archive(tiny.mar, stranger)
+    unsigned = rewrite(tiny.mar, tmp_path / "unsigned.mar", drop=(SIGNATURE_NAME,))
     with pytest.raises(SignatureError, match="carries no signature"):
         verify_archive(unsigned, signing_keys.public)
 
 
-def test_with_no_public_key_configured_it_says_so(artifacts, tmp_path, monkeypatch, capsys):
+def test_with_no_public_key_configured_it_says_so(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(signing.PUBLIC_KEY_ENV, "")
     monkeypatch.setattr(signing, "KEY_DIR", tmp_path / "no-keys-here")
     with pytest.raises(SignatureError, match="no public key is configured.*--allow-unsigned"):
-        verify_archive(artifacts.mar)
-    verify_archive(artifacts.mar, allow_unsigned=True, run_self_test=False)
+        verify_archive(tiny.mar)
+    verify_archive(tiny.mar, allow_unsigned=True, run_self_test=False)
     said = capsys.readouterr().out
     assert "WARNING: no public key is configured" in said and "UNSIGNED" in said
 
@@ -151,13 +167,13 @@ def test_paths_out_of_the_archive_are_refused(tmp_path, name):
     assert not (tmp_path / "outside.py").exists()
 
 
-def test_duplicate_entries_are_refused(artifacts, tmp_path):
+def test_duplicate_entries_are_refused(tiny, tmp_path):
     """ZipInputStream (TorchServe) keeps the last copy of a repeated name, zipfile the first."""
-    with zipfile.ZipFile(artifacts.mar) as mar:
+    with zipfile.ZipFile(tiny.mar) as mar:
         handler = mar.read("mnist_handler.py")
     duplicated = tmp_path / "dup.mar"
     with pytest.warns(UserWarning, match="Duplicate name"):
-        rewrite(artifacts.mar, duplicated, add={"mnist_handler.py": handler + b"\n# second copy\n"})
+        rewrite(tiny.mar, duplicated, add={"mnist_handler.py": handler + b"\n# second copy\n"})
     with pytest.raises(ArchiveError, match=r"'mnist_handler\.py' appears twice"):
         verify_archive(duplicated)
 
@@ -207,10 +223,10 @@ def measure_peak_rss_mib(mar: Path, dest: Path):
     return result
 
 
-def test_verify_on_the_command_line_names_the_file(artifacts, tmp_path):
-    with zipfile.ZipFile(artifacts.mar) as mar:
+def test_verify_on_the_command_line_names_the_file(tiny, tmp_path):
+    with zipfile.ZipFile(tiny.mar) as mar:
         handler = mar.read("mnist_handler.py")
-    edited = rewrite(artifacts.mar, tmp_path / "mnist.mar", replace={"mnist_handler.py": handler + b"\n"})
+    edited = rewrite(tiny.mar, tmp_path / "mnist.mar", replace={"mnist_handler.py": handler + b"\n"})
     result = run_module("export", "verify", str(edited), check=False)
     assert result.returncode != 0 and "mnist_handler.py" in result.stderr, result.stderr
 
@@ -233,12 +249,12 @@ def serve(*args, workdir: Path, config: Path, check=True, env=None):
                       timeout=300, env=env)
 
 
-def test_serve_refuses_a_tampered_archive_before_torchserve_starts(artifacts, tmp_path):
-    with zipfile.ZipFile(artifacts.mar) as mar:
+def test_serve_refuses_a_tampered_archive_before_torchserve_starts(tiny, tmp_path):
+    with zipfile.ZipFile(tiny.mar) as mar:
         handler = mar.read("mnist_handler.py")
     store = tmp_path / "store"
     store.mkdir()
-    rewrite(artifacts.mar, store / "mnist.mar", replace={"mnist_handler.py": handler + b"print('pwned')\n"})
+    rewrite(tiny.mar, store / "mnist.mar", replace={"mnist_handler.py": handler + b"print('pwned')\n"})
     workdir = tmp_path / "run"
     result = serve("start", "--model-store", str(store), workdir=workdir,
                    config=serve_config(tmp_path / "c.properties"), check=False)
@@ -247,9 +263,9 @@ def test_serve_refuses_a_tampered_archive_before_torchserve_starts(artifacts, tm
     assert not (workdir / "key_file.json").exists() and not (workdir / "logs" / "private").exists()
 
 
-def test_serve_keeps_its_files_private_and_stop_waits_for_the_exit(artifacts, tmp_path):
+def test_serve_keeps_its_files_private_and_stop_waits_for_the_exit(tiny, tmp_path):
     workdir, config = tmp_path / "run", serve_config(tmp_path / "c.properties")
-    serve("start", "--model-store", str(artifacts.model_store), workdir=workdir, config=config)
+    serve("start", "--model-store", str(tiny.model_store), workdir=workdir, config=config)
     try:
         key_file = workdir / "key_file.json"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -261,7 +277,7 @@ def test_serve_keeps_its_files_private_and_stop_waits_for_the_exit(artifacts, tm
         frontend = psutil.Process(pid)
         family = [frontend, *frontend.children(recursive=True)]
         effective = read_properties(private / "config.properties")
-        store = str(artifacts.model_store.resolve())
+        store = str(tiny.model_store.resolve())
         assert effective["model_store"] == store
         allowed = re.compile(effective["allowed_urls"].replace("\\\\", "\\"))  # as Java reads it
         assert allowed.match(f"file://{store}/mnist.mar")
@@ -274,9 +290,10 @@ def test_serve_keeps_its_files_private_and_stop_waits_for_the_exit(artifacts, tm
         assert token == keys["inference"]["key"]
         assert keys["API"]["key"] not in token and keys["management"]["key"] not in token
         (tmp_path / "inference.key").write_text(token + "\n")
-        predicted = serve("predict", str(artifacts.build_dir / "samples" / "test0000-ankle-boot.png"),
+        predicted = serve("predict", str(tiny.build_dir / "samples" / "test0000-ankle-boot.png"),
                           "--inference-key-file", str(tmp_path / "inference.key"), workdir=workdir, config=config)
         assert "label" in predicted.stdout
+        assert_concurrent_renewals_rotate_once(Server.from_config(config, workdir))
     finally:
         started = time.monotonic()
         stopped = serve("stop", workdir=workdir, config=config, check=False)
@@ -288,7 +305,8 @@ def test_serve_keeps_its_files_private_and_stop_waits_for_the_exit(artifacts, tm
            f"{took:.1f} s including the command's start ({stopped.stdout.strip().splitlines()[-1]})")
 
 
-def test_concurrent_renewals_rotate_the_key_once(server):
+def assert_concurrent_renewals_rotate_once(server: Server) -> None:
+    """Four clients find the same key refused at once: one renewal, and all four get its key."""
     stale = server.key("inference")
     barrier, results = threading.Barrier(4), []
 
@@ -301,9 +319,98 @@ def test_concurrent_renewals_rotate_the_key_once(server):
         t.start()
     for t in threads:
         t.join()
-    assert len(set(results)) == 1 and results[0] != stale
+    assert len(set(results)) == 1 and results[0] != stale, results
     assert results[0] == server.key("inference")
+    assert stat.S_IMODE(server.key_file.stat().st_mode) == 0o600  # still private after the rewrite
 
 
 def test_the_suite_servers_key_file_is_private(torchserve, server):
+    """TorchServeProcess (the tests' and benchmarks' servers) starts TorchServe with umask 077 too."""
     assert stat.S_IMODE(server.key_file.stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------- a kill at each step of each stage
+
+# Runs `python -m export ...` with os.<target> wrapped to SIGKILL the process just before its
+# Nth call: before the Nth rename (os.replace), or before the Nth fsync (mid-write of a file).
+KILLER = """
+import os, runpy, signal, sys
+target, nth = sys.argv[1], int(sys.argv[2])
+real, calls = getattr(os, target), [0]
+def wrapper(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(os, target, wrapper)
+sys.argv = ["python -m export", *sys.argv[3:]]
+runpy.run_module("export", run_name="__main__", alter_sys=True)
+"""
+
+
+def export_killed_at(target: str, nth: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILLER, target, str(nth), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_build_consistent(build: Path) -> str:
+    """bundle.json absent (an export in progress, which archive refuses) or true about every
+    file it records; 'complete' or 'no contract'."""
+    if not (build / BUNDLE_FILE).exists():
+        return "no contract"
+    verify_recorded_files(load_bundle(build), build)  # raises BundleError naming the file
+    return "complete"
+
+
+def stale_temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+# (stage, what is wrapped, before which call): build renames model.pt, model.onnx, then bundle.json;
+# ort renames bundle.json (forgetting the old files), model.ort, the operators list, bundle.json.
+KILL_POINTS = [("build", "replace", 1), ("build", "replace", 2), ("build", "fsync", 3),
+               ("ort", "replace", 2), ("ort", "replace", 3), ("quantize", "fsync", 1),
+               ("archive", "fsync", 1), ("archive", "replace", 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,target,nth", KILL_POINTS)
+def test_a_kill_at_any_step_leaves_build_consistent(tiny, tmp_path, stage, target, nth):
+    build, store = tmp_path / "build", tmp_path / "store"
+    shutil.copytree(tiny.build_dir, build)
+    if stage == "ort":
+        run_module("export", "ort", "--build-dir", str(build))  # old files, for the kill to interrupt replacing
+    if stage == "archive":
+        store.mkdir()
+        shutil.copy2(tiny.mar, store / "mnist.mar")
+    before = (store / "mnist.mar").read_bytes() if stage == "archive" else None
+    args = {"build": ["build", "--checkpoint", str(tiny.checkpoint), "--data-dir", str(DATA_DIR),
+                      "--check-images", "64"],
+            "ort": ["ort"], "quantize": ["quantize", "--data-dir", str(DATA_DIR)],
+            "archive": ["archive", "--model-store", str(store)]}[stage]
+    killed = export_killed_at(target, nth, *args, "--build-dir", str(build))
+    assert killed.returncode == -signal.SIGKILL, f"not killed at {target} #{nth}: {killed.stderr[-2000:]}"
+    state = assert_build_consistent(build)
+    if stage == "archive":
+        after = (store / "mnist.mar").read_bytes()
+        assert after == before, "a killed archive step changed the served archive"
+    if state == "no contract":
+        refused = run_module("export", "archive", "--build-dir", str(build), "--model-store", str(store),
+                             check=False)
+        assert refused.returncode != 0 and "run `make export`" in refused.stderr, refused.stderr
+    if (stage, target, nth) == ("build", "replace", 2):
+        # The same command again finishes the job and sweeps what the killed one left.
+        assert stale_temporaries(build)
+        run_module("export", *args, "--build-dir", str(build))
+        assert assert_build_consistent(build) == "complete" and not stale_temporaries(build)
+    report(f"kill before {target} #{nth} in export {stage}: build/ {state}")
+
+
+def test_archive_refuses_a_build_whose_hashes_do_not_match(tiny, tmp_path):
+    from export.main import checked_build
+    build = tmp_path / "build"
+    shutil.copytree(tiny.build_dir, build)
+    with open(build / "model.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(SystemExit, match=r"refusing to archive .*model\.pt has SHA-256"):
+        checked_build(build)
