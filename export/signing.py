@@ -122,6 +122,7 @@ def _explain(error: Exception, public_key: Path) -> str:
         return (f"the archive was not signed by the configured public key {public_key} "
                 f"(SHA-256 {key_fingerprint(public_key)[:16]}...)")
     if "Signature mismatch" in text:
+        text = text.replace("\\'", "'")  # the message is a list's repr, quotes escaped
         changed = re.findall(r"Hash mismatch for '([^']+)'", text)
         added = re.findall(r"Extra files found in model '[^']*': ([^\"'\]]+)", text)
         removed = re.findall(r"Missing files in model '[^']*': ([^\"'\]]+)", text)
