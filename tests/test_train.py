@@ -246,3 +246,28 @@ def test_stale_temporary_files_are_removed(tmp_path):
     (tmp_path / "notes.tmp").write_bytes(b"not ours")
     resume_decision(tmp_path, "--resume")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "notes.tmp"]
+
+
+@pytest.mark.slow
+def test_nodes_without_a_shared_folder_resume_from_rank_0s_state(tmp_path):
+    """Two nodes on loopback, each with its own checkpoint folder: only node 0's holds last.pt.
+    Rank 0 decides what to resume and hands the state over; node 1 never reads its folder."""
+    from serve.process import free_ports
+    from tests.test_distributed import TRAIN, launched, torchrun
+    limits = ["--train-limit", "3000", "--test-limit", "500"]
+    run_module("train", *TRAIN[2:], *limits, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "node0"))
+    (tmp_path / "node1").mkdir()
+    port = free_ports(1)[0]
+    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=unshared-test"]
+    args = [*TRAIN, *limits, "--epochs", "2", "--resume"]
+    with open(tmp_path / "log0", "w") as log0, open(tmp_path / "log1", "w") as log1, \
+            launched(torchrun(*common, "--node_rank=0", *args, "--checkpoint-dir", str(tmp_path / "node0")), log0) as node0, \
+            launched(torchrun(*common, "--node_rank=1", *args, "--checkpoint-dir", str(tmp_path / "node1")), log1) as node1:
+        assert node0.wait(timeout=300) == 0, (tmp_path / "log0").read_text()[-3000:]
+        assert node1.wait(timeout=60) == 0, (tmp_path / "log1").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "log0").read_text()
+    state = load_checkpoint(tmp_path / "node0" / "last.pt")
+    assert state["epoch"] == 2 and state["world_size"] == 2
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert not list((tmp_path / "node1").iterdir())
