@@ -104,6 +104,8 @@ def main(argv=None) -> None:
 def resume_settings(args, settings: dict, group: distributed.Group) -> dict | None:
     """The checkpoint to resume from, if any; its recipe replaces the command line's in `settings`.
     Decided by rank 0 alone and handed to every rank (distributed.from_main)."""
+    if args.prepare_data_only:
+        return None
     resumed = distributed.from_main(group, lambda: checkpoint_to_resume(args, group))
     if resumed is None:
         return None
@@ -125,7 +127,7 @@ def checkpoint_to_resume(args, group: distributed.Group) -> dict | None:
     ckpt = folder / "last.pt"
     for path in remove_stale_temporaries(folder) if folder.is_dir() else []:
         print(f"[train] removed {path}, left by a run that was stopped while writing")
-    if args.start_over:
+    if args.start_over and not group.restarted:  # a restart keeps what its own launch wrote
         for name in CHECKPOINT_FILES:
             (folder / name).unlink(missing_ok=True)
         print(f"[train] --start-over: removed the checkpoints in {folder}/")
