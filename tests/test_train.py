@@ -271,3 +271,11 @@ def test_nodes_without_a_shared_folder_resume_from_rank_0s_state(tmp_path):
     assert state["epoch"] == 2 and state["world_size"] == 2
     assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert not list((tmp_path / "node1").iterdir())
+
+
+def test_preparing_data_ignores_the_checkpoint_folder(tmp_path):
+    """`make data` after a run: no refusal about the run's checkpoints."""
+    a_checkpoint(tmp_path / "last.pt")
+    result = run_module("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR),
+                        "--prepare-data-only", "--checkpoint-dir", str(tmp_path))
+    assert "is ready" in result.stdout
