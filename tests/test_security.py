@@ -368,9 +368,10 @@ def stale_temporaries(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
-# (stage, what is wrapped, before which call): build renames model.pt, model.onnx, then bundle.json;
+# (stage, what is wrapped, before which call): build renames model.pt, model.onnx, then bundle.json
+# (the old bundle.json is already gone before the first);
 # ort renames bundle.json (forgetting the old files), model.ort, the operators list, bundle.json.
-KILL_POINTS = [("build", "replace", 1), ("build", "replace", 2), ("build", "fsync", 3),
+KILL_POINTS = [("build", "replace", 1), ("build", "replace", 2),
                ("ort", "replace", 2), ("ort", "replace", 3), ("quantize", "fsync", 1),
                ("archive", "fsync", 1), ("archive", "replace", 1)]
 
