@@ -163,21 +163,27 @@ def inflate(f, member: Member, out) -> None:
         raise ArchiveError(f"member {member.name!r} is corrupt (size or CRC-32 does not match)")
 
 
+def write_member(f, member: Member, target: Path) -> None:
+    if member.is_dir:
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # O_EXCL | O_NOFOLLOW: nothing unpacked earlier can redirect this write.
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        inflate(f, member, out)
+
+
 def unpack(mar: Path, dest: Path) -> list[str]:
     """Unpack `mar` into the empty folder `dest` after every check above; returns the file names."""
     members = local_members(mar)
     dest.mkdir(parents=True, exist_ok=True)
     with open(mar, "rb") as f:
         for member in members:
-            target = dest / member.name
-            if member.is_dir:
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # O_EXCL | O_NOFOLLOW: nothing unpacked earlier can redirect this write.
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                inflate(f, member, out)
+            try:
+                write_member(f, member, dest / member.name)
+            except OSError as error:  # a file where a folder must go, or the other way round
+                raise ArchiveError(f"{mar}: member {member.name!r} cannot be unpacked: {error}") from None
     return [m.name for m in members if not m.is_dir]
 
 
