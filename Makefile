@@ -17,7 +17,7 @@ VARIANT ?= cpu
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive quantize ort edge web serve predict stop test test-gpu parity bench demo image image-test clean
+.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity bench demo image image-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,8 +38,11 @@ endif
 export: install  ## checkpoints/best.pt -> build/model.pt, build/model.onnx, build/bundle.json (FORMAT=pt2: + build/model.pt2)
 	$(PYTHON) -m export build --format $(FORMAT)
 
-archive: export  ## build/ -> model_store/mnist.mar serving FORMAT=torchscript|pt2|onnx
+archive: export  ## build/ -> model_store/mnist.mar serving FORMAT=torchscript|pt2|onnx, signed when `make keys` made a key (else says loudly)
 	$(PYTHON) -m export archive --format $(FORMAT)
+
+keys: install  ## a signing key pair in ~/.config/mnist-bundle/ (never in the repository); keeps an existing one
+	$(PYTHON) -m export keys
 
 quantize: install  ## build/model.onnx -> build/model.int8.onnx (static QDQ int8) + its report
 	$(PYTHON) -m export quantize
@@ -54,14 +57,14 @@ edge: install  ## classify IMG=paths (files or directories) with onnxruntime alo
 web: install  ## the draw-or-drop page on http://127.0.0.1:8090/ (PORT=...): build/model.onnx in the browser
 	$(PYTHON) -m web --port $(PORT)
 
-serve: install  ## start TorchServe from the root with config.properties; returns when READY
+serve: install  ## verify the archive's signature, start TorchServe from the root; returns when READY
 	$(PYTHON) -m serve start
 
 predict: install  ## send IMG=path (one or more) to the running server with the token
 	@test -n "$(IMG)" || { echo "usage: make predict IMG=path/to/image.png"; exit 2; }
 	$(PYTHON) -m serve predict $(IMG)
 
-stop:  ## stop the TorchServe started by `make serve`
+stop:  ## stop the TorchServe started by `make serve`; returns when it has exited
 	-$(PYTHON) -m serve stop
 
 test: install  ## the whole suite (GPU tests skip, saying why, where there is no GPU)
@@ -79,7 +82,7 @@ bench: install  ## side-by-side benchmarks -> bench/results/latest.{md,png} and 
 	$(PYTHON) -m bench
 
 demo: install  ## the whole path: data, train, export, archive, serve, predict, stop
-	$(MAKE) data train archive
+	$(MAKE) data train keys archive
 	$(MAKE) serve
 	$(PYTHON) -m serve predict build/samples/*.png; status=$$?; $(MAKE) stop; exit $$status
 

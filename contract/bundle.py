@@ -116,6 +116,32 @@ def file_entry(path: Path | str) -> dict:
     return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
 
 
+def verify_recorded_files(bundle: dict, directory: Path | str) -> None:
+    """Every file bundle.json records, present in `directory` with its recorded SHA-256."""
+    for name in bundle["files"]:
+        verify_file(bundle, directory, name)
+
+
+def replace_recorded_files(build_dir: Path | str, staged: dict[str, Path], section: str | None = None,
+                           report: dict | None = None) -> dict:
+    """Move `staged` files ({name: temporary path in build_dir}) over build_dir/<name> and record
+    them in bundle.json, so that a kill at any point leaves bundle.json true.
+
+    bundle.json first forgets the old files (atomically), then each file is renamed into place,
+    then bundle.json records the new ones: at no moment does it vouch for a file that is not there.
+    """
+    build_dir = Path(build_dir)
+    bundle = load_bundle(build_dir / BUNDLE_FILE)
+    if any(name in bundle["files"] for name in staged) or (section and section in bundle.get("edge", {})):
+        for name in staged:
+            bundle["files"].pop(name, None)
+        bundle.get("edge", {}).pop(section, None)
+        write_bundle(bundle, build_dir / BUNDLE_FILE)
+    for name, path in staged.items():
+        os.replace(path, build_dir / name)
+    return record_files(build_dir, list(staged), section, report)
+
+
 def record_files(build_dir: Path | str, names: list[str], section: str | None = None,
                  report: dict | None = None) -> dict:
     """Add the SHA-256 and size of `names` (files in build_dir) to build_dir/bundle.json, and

@@ -1,1 +1,1 @@
-"""Export stage: `python -m export [build|archive|verify]` (see export/main.py)."""
+"""Export stage: `python -m export [build|archive|quantize|ort|verify|keys]` (see export/main.py)."""

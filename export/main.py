@@ -4,16 +4,24 @@
                                build/model.onnx (one file, dynamic batch), build/bundle.json;
                                --format pt2 adds build/model.pt2 (torch.export + AOTInductor)
     python -m export archive   build/ -> model_store/mnist.mar (torch-model-archiver) serving
-                               --format torchscript (default), pt2 or onnx
+                               --format torchscript (default), pt2 or onnx; signed with the
+                               private key of `make keys` when there is one
     python -m export quantize  build/model.onnx -> build/model.int8.onnx (static QDQ int8)
     python -m export ort       build/model.onnx -> build/model.ort (minimal/mobile onnxruntime)
     python -m export verify model_store/mnist.mar
-                               checks an archive before it is served: manifest, SHA-256 sums,
-                               and the model's answer to the test image bundle.json records
+                               checks an archive before it is served, unpacked as TorchServe
+                               unpacks it: structure, signature, SHA-256 sums, then the model's
+                               answer to the test image bundle.json records (export/verify.py)
+    python -m export keys      a signing key pair outside the repository (export/signing.py)
 
 Before anything is written, each exported model runs the same real test images as the eager
 model (through the one preprocessing function): max |dp| <= 1e-5 and identical argmax, or the
 export fails with the numbers.
+
+Every file is written whole or not at all (a temporary file in the same folder, then a rename),
+and bundle.json never vouches for a file that is not there: a kill at any step leaves build/
+either as it was, or without bundle.json (an export in progress, which `archive` refuses), or
+new and complete.
 """
 from __future__ import annotations
 
@@ -21,7 +29,6 @@ import argparse
 import base64
 import datetime
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -36,13 +43,14 @@ import torch
 from PIL import Image
 
 from contract import MODEL_NAME, TOLERANCE
-from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bundle,
-                             sha256_bytes, sha256_file, served_format, write_bundle)
+from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bundle, sha256_file,
+                             verify_recorded_files, write_atomically, write_bundle)
 from contract.framing import recipe_for
 from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, decode_image
-from export import formats
-from train.checkpoint import CheckpointError, load_checkpoint, load_model
+from export import formats, signing
+from export.verify import unpack, verify_archive
+from train.checkpoint import CheckpointError, load_checkpoint, load_model, reconcile_best
 from train.data import DataUnavailable, ensure_dataset, load_split
 
 ONNX_OPSET = 18
@@ -72,7 +80,7 @@ def write_samples(pngs: list[bytes], labels: list[int], classes: list[str], dire
     directory.mkdir(parents=True, exist_ok=True)
     for index, (png, label) in enumerate(zip(pngs, labels)):
         slug = "".join(c if c.isalnum() else "-" for c in classes[label].lower())
-        (directory / f"test{index:04d}-{slug}.png").write_bytes(png)
+        write_atomically(directory / f"test{index:04d}-{slug}.png", png)
 
 
 def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -120,8 +128,21 @@ def checkpoint_figures(state: dict) -> dict:
             "test_accuracy": metrics["test_accuracy"], "splits": splits}
 
 
+def remove_stale_temporaries(directory: Path) -> None:
+    """What a killed export, quantize or archive left behind: its temporary files and folders."""
+    if not directory.is_dir():
+        return
+    for path in directory.glob(".*"):
+        if path.is_dir() and path.name.startswith((".export-", ".archive-", ".quantize-", ".ort-")):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
 def build(args) -> None:
     try:
+        if args.checkpoint.name == "best.pt" and args.checkpoint.with_name("last.pt").exists():
+            reconcile_best(args.checkpoint.parent)  # a training run stopped between its two writes
         state = load_checkpoint(args.checkpoint)
     except CheckpointError as error:
         raise SystemExit(f"[export] {error}")
@@ -156,10 +177,18 @@ def build(args) -> None:
     built = ["torchscript", "onnx"] + (["pt2"] if args.format == "pt2" else [])
     if "pt2" in built:
         formats.check_batch_size_fits(args.model_config)
+    remove_stale_temporaries(out)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         records = {fmt: formats.build_format(fmt, model, x, reference, Path(tmp), args.device)
                    for fmt in built}
-        # Only models that passed their check replace the previous export.
+        for record in records.values():
+            with open(Path(tmp) / record["file"], "rb") as f:
+                os.fsync(f.fileno())
+        # Only models that passed their check replace the previous export. The old bundle.json
+        # goes first: until the new one is written, build/ holds no contract at all rather than
+        # one that vouches for the previous models (int8 and ORT files made from them included).
+        (out / BUNDLE_FILE).unlink(missing_ok=True)
+        fsync_directory(out)
         for record in records.values():
             os.replace(Path(tmp) / record["file"], out / record["file"])
 
@@ -189,6 +218,15 @@ def build(args) -> None:
           f"{100 * figures['test_accuracy']:.2f}%)")
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or an unlink in `directory` durable before the next step depends on it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def archiver_command() -> str:
     """torch-model-archiver beside this interpreter (a venv's bin/), else on PATH."""
     beside = Path(sys.executable).with_name("torch-model-archiver")
@@ -198,15 +236,49 @@ def archiver_command() -> str:
     return found
 
 
-def archive(args) -> Path:
-    """build/ -> <model-store>/mnist.mar with torch-model-archiver, serving args.format's file."""
-    build_dir = args.build_dir
+def checked_build(build_dir: Path, fmt: str) -> dict:
+    """The bundle.json record of format `fmt` in build/, after checking every file bundle.json
+    records; SystemExit says what to redo."""
     if not (build_dir / BUNDLE_FILE).exists():
-        raise SystemExit(f"[export] {build_dir / BUNDLE_FILE} is missing: run `make export` first")
-    record = load_bundle(build_dir / BUNDLE_FILE).get("formats", {}).get(args.format)
-    if record is None or not (build_dir / record["file"]).exists():
-        raise SystemExit(f"[export] {build_dir} holds no {args.format} model: run "
-                         f"`make export FORMAT={args.format}` (python -m export build --format {args.format}) first")
+        raise SystemExit(f"[export] {build_dir} holds no export (no {BUNDLE_FILE}): run `make export` first")
+    try:
+        bundle = load_bundle(build_dir / BUNDLE_FILE)
+        verify_recorded_files(bundle, build_dir)
+    except BundleError as error:
+        raise SystemExit(f"[export] refusing to archive {build_dir}: {error}. An export was "
+                         "interrupted or a file was changed by hand: run `make export` again") from None
+    record = bundle.get("formats", {}).get(fmt)
+    if record is None or record["file"] not in bundle["files"]:
+        raise SystemExit(f"[export] {build_dir} holds no {fmt} model: run `make export FORMAT={fmt}` "
+                         f"(python -m export build --format {fmt}) first")
+    return record
+
+
+def sign_archive(mar: Path, work: Path) -> bool:
+    """Add MAR-INF/model.sig to `mar` when a private key exists; False (and a loud warning) if not."""
+    key = signing.private_key_path()
+    if not key.is_file():
+        print("[export] " + "!" * 78 + f"\n[export] WARNING: {mar.name} is NOT SIGNED: no private key at "
+              f"{key}.\n[export] Run `make keys` once, then `make archive`; hosts that pin a public key "
+              "refuse unsigned archives.\n[export] " + "!" * 78)
+        return False
+    tree = work / "signed"
+    unpack(mar, tree)  # sign exactly what TorchServe will unpack
+    signing.sign_tree(tree, work / "model.sig", key)
+    with zipfile.ZipFile(mar, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.write(work / "model.sig", signing.SIGNATURE_NAME)
+    public = signing.public_key_of(key, work / "signer.pub")
+    verify_archive(mar, public_key=public, run_self_test=False)
+    print(f"[export] signed with {key} (public key SHA-256 {signing.key_fingerprint(public)[:16]}...)")
+    return True
+
+
+def archive(args) -> Path:
+    """build/ -> <model-store>/mnist.mar with torch-model-archiver, serving args.format's file,
+    signed when a key exists."""
+    build_dir = args.build_dir
+    record = checked_build(build_dir, args.format)
+    remove_stale_temporaries(build_dir)
     args.model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=build_dir) as tmp:
         # torch-model-archiver copies the *contents* of an extra-files directory into the
@@ -216,59 +288,33 @@ def archive(args) -> Path:
         shutil.copytree(ROOT / "contract", stage / "contract",
                         ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(build_dir / BUNDLE_FILE, stage / BUNDLE_FILE)
+        served = record["file"]
+        shutil.copy2(build_dir / served, Path(tmp) / served)
+        # What is packed is checked once more after copying: a file changed meanwhile is refused.
+        bundle = load_bundle(stage / BUNDLE_FILE)
+        if sha256_file(Path(tmp) / served) != bundle["files"][served]["sha256"]:
+            raise SystemExit(f"[export] {build_dir / served} changed while archiving: run `make export`")
         command = [archiver_command(),
                    "--model-name", MODEL_NAME, "--version", args.version,
-                   "--serialized-file", str(build_dir / record["file"]),
+                   "--serialized-file", str(Path(tmp) / record["file"]),
                    "--handler", str(ROOT / "handlers" / "mnist_handler.py"),
                    "--extra-files", str(stage),
                    "--config-file", str(args.model_config),
                    "--export-path", tmp, "--force"]
         subprocess.run(command, check=True)
+        built = Path(tmp) / f"{MODEL_NAME}.mar"
+        sign_archive(built, Path(tmp))
         target = args.model_store / f"{MODEL_NAME}.mar"
-        os.replace(Path(tmp) / f"{MODEL_NAME}.mar", target)  # a server never sees half a file
+        with open(built, "rb") as source:  # a server never sees half a file
+            write_atomically(target, lambda f: shutil.copyfileobj(source, f))
     print(f"[export] wrote {target} ({args.format}, {target.stat().st_size / 1024:.0f} KiB)")
     return target
-
-
-def verify_archive(mar: Path) -> dict:
-    """Open a .mar and check it can be trusted; raises BundleError naming what is wrong."""
-    if not zipfile.is_zipfile(mar):
-        raise BundleError(f"{mar} is not a model archive (not a zip file)")
-    with zipfile.ZipFile(mar) as archive:
-        names = set(archive.namelist())
-        try:
-            manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-            serialized, handler = manifest["model"]["serializedFile"], manifest["model"]["handler"]
-        except (KeyError, json.JSONDecodeError) as error:
-            raise BundleError(f"{mar}: missing or malformed MAR-INF/MANIFEST.json ({error})") from None
-        for required in (serialized, handler, BUNDLE_FILE, "contract/preprocessing.py"):
-            if required not in names:
-                raise BundleError(f"{mar} lacks {required}")
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / BUNDLE_FILE).write_bytes(archive.read(BUNDLE_FILE))
-            bundle = load_bundle(Path(tmp) / BUNDLE_FILE)
-        expected = bundle["files"].get(serialized, {}).get("sha256")
-        model_bytes = archive.read(serialized)
-        actual = sha256_bytes(model_bytes)
-        if actual != expected:
-            raise BundleError(f"{mar}: {serialized} has SHA-256 {actual}, bundle.json expects {expected}")
-    fmt, record = served_format(bundle, serialized)
-    test = bundle["self_test"]
-    x = decode_image(base64.b64decode(test["image_png_base64"]), InputSpec.from_bundle(bundle))
-    p = np.exp(formats.self_test_log_probs(fmt, record, model_bytes, x).astype(np.float64))[0]
-    max_diff = float(np.abs(p - np.array(test["probabilities"])).max())
-    if int(p.argmax()) != test["label"] or max_diff > TOLERANCE:
-        raise BundleError(f"{mar}: the model answers label {int(p.argmax())} (max |dp| {max_diff:.3g}) "
-                          f"where bundle.json expects label {test['label']}")
-    print(f"[export] {mar}: OK: manifest, {serialized} ({fmt}) SHA-256 {actual[:12]}..., self-test label "
-          f"{test['label']} ({bundle['classes'][test['label']]}), max |dp| {max_diff:.3g}")
-    return bundle
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=("build", "archive", "quantize", "ort", "verify"),
+    p.add_argument("command", nargs="?", choices=("build", "archive", "quantize", "ort", "verify", "keys"),
                    default="build")
     p.add_argument("archive", nargs="?", type=Path, default=Path("model_store/mnist.mar"),
                    help="the .mar to verify")
@@ -281,6 +327,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--version", default="1.0", help="model version recorded in the .mar")
     p.add_argument("--model-config", type=Path, default=ROOT / "handlers" / "model-config.yaml",
                    help="TorchServe model-config.yaml (workers, batching, handler settings) to pack")
+    p.add_argument("--public-key", type=Path, default=None,
+                   help="verify: the signer's public key (default: $MNIST_SIGNING_PUBLIC_KEY, else "
+                        "~/.config/mnist-bundle/signing-key.pub)")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="verify: accept an archive although no public key is configured (says so loudly)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--format", choices=tuple(formats.FILES), default=formats.DEFAULT_FORMAT,
                    help="build: also build this format (pt2 compiles, about 30 s); archive: serve it")
@@ -290,16 +341,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def make_keys() -> None:
+    try:
+        private, public = signing.create_key_pair()
+    except signing.SignatureError as error:
+        print(f"[export] {error}")
+        return
+    print(f"[export] new signing key pair: {private} (private, mode 0600: never copy it into the "
+          f"repository or an archive) and {public}\n[export] public key SHA-256 "
+          f"{signing.key_fingerprint(public)}\n[export] deploy: copy only {public.name} to the serving "
+          f"host, as {signing.KEY_DIR / 'signing-key.pub'} or named by ${signing.PUBLIC_KEY_ENV}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         if args.command == "verify":
-            verify_archive(args.archive)
+            verify_archive(args.archive, args.public_key, args.allow_unsigned)
+        elif args.command == "keys":
+            make_keys()
         elif args.command in ("quantize", "ort"):
             from export.edge_artifacts import convert_to_ort, quantize
             if not (args.build_dir / "model.onnx").exists():
                 raise SystemExit(f"[export] {args.build_dir / 'model.onnx'} is missing: run `make export` first")
+            remove_stale_temporaries(args.build_dir)
             quantize(args.build_dir, args.data_dir) if args.command == "quantize" else convert_to_ort(args.build_dir)
         else:
             archive(args) if args.command == "archive" else build(args)

@@ -2,11 +2,18 @@
 
 TorchServe writes key_file.json into the directory it was started from. Clients read the keys
 from there on every call (never cache them across calls: they rotate), and renew an expired
-inference key with the API key.
+inference key with the API key, one renewal at a time (a lock beside the key file): a client that
+finds the key already renewed by another uses the new one instead of rotating it again.
+
+key_file.json holds all three keys, the API key among them. A client that should only predict gets
+the inference key alone (`python -m serve token > inference.key`, then
+`python -m serve predict --inference-key-file inference.key IMAGE`); it cannot renew the key.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +48,7 @@ class Server:
     # False where TorchServe runs with disable_token_authorization=true: the replicas of
     # deploy/, which only an authenticating gateway can reach (README, "Production").
     tokens: bool = True
+    inference_key_file: Path | None = None  # the inference key alone, for clients without key_file.json
 
     @classmethod
     def from_config(cls, config: Path | str, workdir: Path | str | None = None) -> "Server":
@@ -58,6 +66,11 @@ class Server:
 
     def key(self, kind: str) -> str:
         """The current 'inference', 'management' or 'API' key from key_file.json."""
+        if kind == "inference" and self.inference_key_file is not None:
+            try:
+                return self.inference_key_file.read_text().strip()
+            except OSError as error:
+                raise ServerError(f"cannot read the inference key: {error}") from None
         try:
             return json.loads(self.key_file.read_text())[kind]["key"]
         except FileNotFoundError:
@@ -71,13 +84,30 @@ class Server:
         """The Authorization header for an 'inference' or 'management' call, if tokens are on."""
         return {"Authorization": f"Bearer {self.key(kind)}"} if self.tokens else {}
 
-    def renew_key(self, kind: str) -> str:
-        """Mint a fresh inference or management key with the API key (TorchServe's /token API)."""
-        response = requests.post(f"{self.management_url}/token", params={"type": kind},
-                                 headers={"Authorization": f"Bearer {self.key('API')}"}, timeout=10)
-        if response.status_code != 200:
-            raise ServerError(f"renewing the {kind} key failed: HTTP {response.status_code} {response.text}")
-        return self.key(kind)
+    def renew_key(self, kind: str, refused: str | None = None) -> str:
+        """Mint a fresh inference or management key with the API key (TorchServe's /token API).
+
+        `refused`: the key the server turned down. Renewals take a lock beside the key file; if
+        the key changed meanwhile (another client renewed it), that key is returned as it is:
+        concurrent renewals never rotate the key from under each other.
+        """
+        if kind == "inference" and self.inference_key_file is not None:
+            raise ServerError(f"the server refused the inference key in {self.inference_key_file} "
+                              "(expired or rotated): ask whoever runs the server for a fresh one "
+                              "(`python -m serve token` there)")
+        fd = os.open(self.workdir / ".key_file.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current = self.key(kind)
+            if refused is not None and current != refused:
+                return current
+            response = requests.post(f"{self.management_url}/token", params={"type": kind},
+                                     headers={"Authorization": f"Bearer {self.key('API')}"}, timeout=10)
+            if response.status_code != 200:
+                raise ServerError(f"renewing the {kind} key failed: HTTP {response.status_code} {response.text}")
+            return self.key(kind)
+        finally:
+            os.close(fd)  # releases the lock
 
     def describe(self, model: str = MODEL_NAME, timeout: float = 5) -> dict:
         response = requests.get(f"{self.management_url}/models/{model}", timeout=timeout,
@@ -120,11 +150,13 @@ class Server:
         post = (session or requests).post
         url = f"{self.inference_url}/{api}/{model}"
         for attempt in range(2):
-            sent = {**(headers or {}), **self.auth("inference"), "Content-Type": content_type}
+            key = self.key("inference") if self.tokens else None
+            sent = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {}),
+                    "Content-Type": content_type}
             response = post(url, data=body, headers=sent, params=params, timeout=timeout)
             if (self.tokens and response.status_code == 400 and "InvalidKeyException" in response.text
                     and attempt == 0):
-                self.renew_key("inference")
+                self.renew_key("inference", refused=key)
                 continue
             return response
         return response

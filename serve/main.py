@@ -1,46 +1,80 @@
 """Serve the archive with TorchServe from the repository root.
 
-    python -m serve start             torchserve --start --ncs --ts-config config.properties,
-                                      then wait for a READY worker and print how to call it
+    python -m serve start             verify model_store/mnist.mar (signature, contents), then
+                                      torchserve --start --ncs with config.properties, the model
+                                      store's absolute path pinned; wait for a READY worker
     python -m serve predict IMAGE...  POST each image with the inference key; prints the answer
+    python -m serve token             print the inference key alone (for a client that should
+                                      not see key_file.json's management and API keys)
     python -m serve status            the model's workers
-    python -m serve stop              torchserve --stop
+    python -m serve stop              torchserve --stop, then wait until the server has exited
+
+TorchServe's pid file and worker sockets go to logs/private/ (mode 0700) instead of the shared
+/tmp; key_file.json and logs are created with umask 077 (readable by their owner only).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from serve.client import MODEL_NAME, Server, ServerError, content_type_of
-from serve.process import torchserve_command
+from serve.process import (anchored_allowed_urls, private_directory, private_environment,
+                           torchserve_command, write_config)
 
 ROOT = Path(__file__).resolve().parent.parent
+STOP_PATIENCE_S = 60
+
+
+def verify_before_serving(mar: Path, allow_unsigned: bool) -> None:
+    """Refuse to start TorchServe on an archive that fails `export verify` (export/verify.py)."""
+    from contract.bundle import BundleError
+    from export.verify import verify_archive
+    try:
+        verify_archive(mar, allow_unsigned=allow_unsigned, run_self_test=False)
+    except BundleError as error:
+        raise SystemExit(f"[serve] refusing to serve: {error}\n[serve] TorchServe was not started. "
+                         "Rebuild and sign the archive with `make archive` (where the private key "
+                         "is), or pin the right public key ($MNIST_SIGNING_PUBLIC_KEY)") from None
 
 
 def start(args, server: Server) -> None:
-    mar = ROOT / "model_store" / f"{MODEL_NAME}.mar"
+    store = args.model_store.resolve()
+    mar = store / f"{MODEL_NAME}.mar"
     if not mar.exists():
         raise SystemExit(f"{mar} is missing: run `make archive` first")
-    command = [torchserve_command(), "--start", "--ncs", "--ts-config", str(args.config)]
-    print("[serve] " + " ".join(command[1:]).replace(str(ROOT) + "/", ""))
+    verify_before_serving(mar, args.allow_unsigned or os.environ.get("ALLOW_UNSIGNED") == "1")
+    private = private_directory(args.workdir / "logs" / "private")
+    # The effective config: the shipped one with the model store's absolute path, and
+    # allowed_urls anchored to it (a relative `model_store` and a `.*model_store.*` pattern
+    # would follow the working directory and admit any path containing the word).
+    config = private / "config.properties"
+    write_config(args.config, config, {"model_store": str(store),
+                                       "allowed_urls": anchored_allowed_urls(store)})
+    command = [torchserve_command(), "--start", "--ncs", "--ts-config", str(config)]
+    print("[serve] " + " ".join(command[1:]).replace(str(args.workdir) + "/", ""))
     # The Java process inherits the launcher's stdout: a pipe here would never close, so its
     # console output goes to a file beside TorchServe's own logs.
-    (ROOT / "logs").mkdir(exist_ok=True)
-    console = ROOT / "logs" / "torchserve-console.log"
+    console = args.workdir / "logs" / "torchserve-console.log"
     with open(console, "w") as out:
-        returncode = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+        returncode = subprocess.run(command, cwd=args.workdir, stdout=out, stderr=subprocess.STDOUT,
+                                    umask=0o077, env={**os.environ, **private_environment(private / "tmp")}
+                                    ).returncode
     said = console.read_text()
     if returncode != 0 or "already running" in said:
         raise SystemExit(f"[serve] torchserve --start failed: {said.strip()[-2000:]}")
     description = server.wait_until_ready(timeout=args.timeout)
+    if server.key_file.exists():
+        os.chmod(server.key_file, 0o600)  # umask 077 made it so; an older file is tightened
     worker = next(w for w in description["workers"] if w["status"] == "READY")
     print(f"[serve] {MODEL_NAME} is READY (worker pid {worker['pid']}, gpu {worker['gpu']}, "
           f"batch size {description['batchSize']}, max delay {description['maxBatchDelay']} ms)")
-    print("[serve] call it with the inference key from key_file.json:\n"
-          "  TOKEN=$(python3 -c \"import json; print(json.load(open('key_file.json'))['inference']['key'])\")\n"
+    print("[serve] call it with the inference key (key_file.json, readable by you only):\n"
+          "  TOKEN=$(python -m serve token)\n"
           f"  curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/octet-stream' "
           f"--data-binary @image.png {server.inference_url}/predictions/{MODEL_NAME}\n"
           "  or: make predict IMG=image.png        stop it with: make stop")
@@ -61,21 +95,58 @@ def predict(args, server: Server) -> int:
     return 1 if failures else 0
 
 
+def stop(workdir: Path) -> None:
+    """torchserve --stop, then wait until the frontend and its workers have exited: the launcher
+    returns as soon as it has sent the signal, seconds before the Java process is gone."""
+    import psutil
+    tmp = workdir / "logs" / "private" / "tmp"
+    pid_file = tmp / ".model_server.pid"
+    processes = []
+    try:
+        frontend = psutil.Process(int(pid_file.read_text().split()[0]))
+        processes = [frontend, *frontend.children(recursive=True)]
+    except (OSError, ValueError, IndexError, psutil.Error):
+        pass  # not running, or started otherwise: the launcher says so below
+    subprocess.run([torchserve_command(), "--stop"], cwd=workdir, check=False,
+                   env={**os.environ, **private_environment(tmp)})
+    started = time.monotonic()
+    _, alive = psutil.wait_procs(processes, timeout=STOP_PATIENCE_S)
+    if alive:
+        raise SystemExit(f"[serve] TorchServe still running after {STOP_PATIENCE_S} s: pids "
+                         f"{', '.join(str(p.pid) for p in alive)}")
+    if processes:
+        print(f"[serve] TorchServe has exited ({len(processes)} processes, "
+              f"{time.monotonic() - started:.1f} s after the stop signal)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("start", "stop", "status", "predict"))
+    p.add_argument("command", choices=("start", "stop", "status", "predict", "token"))
     p.add_argument("images", nargs="*", help="image files for predict")
     p.add_argument("--config", type=Path, default=ROOT / "config.properties")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY")
     p.add_argument("--json", action="store_true", help="print the full JSON answers")
-    args = p.parse_args(argv)
-    server = Server.from_config(args.config, ROOT)
+    p.add_argument("--model-store", type=Path, default=ROOT / "model_store",
+                   help="start: the folder holding mnist.mar")
+    p.add_argument("--workdir", type=Path, default=ROOT,
+                   help="where TorchServe runs: key_file.json, logs/, logs/private/ (pid file, sockets)")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="start: serve although no public key is configured (or ALLOW_UNSIGNED=1); "
+                        "says so loudly")
+    p.add_argument("--inference-key-file", type=Path, default=None,
+                   help="predict: a file holding the inference key alone (from `python -m serve token`)")
+    args = p.parse_intermixed_args(argv)
+    args.workdir = args.workdir.resolve()
+    server = Server.from_config(args.config, args.workdir)
+    server.inference_key_file = args.inference_key_file
     try:
         if args.command == "start":
             start(args, server)
         elif args.command == "stop":
-            subprocess.run([torchserve_command(), "--stop"], cwd=ROOT, check=False)
+            stop(args.workdir)
+        elif args.command == "token":
+            print(server.key("inference"))
         elif args.command == "status":
             print(json.dumps(server.describe(), indent=2))
         else:

@@ -2,12 +2,14 @@
 
 `torchserve --start` returns at once and writes its pid file, logs/ and key_file.json into shared
 places; a killed test can leave the Java process behind. Here TorchServe runs with --foreground
-in its own process group and its own TMPDIR (where its pid file and worker sockets go), from a
-private working directory, and stop() ends the whole group.
+in its own process group and its own TMPDIR and TEMP (the launcher's pid file goes to TMPDIR, the
+Java frontend's worker sockets to TEMP, its java.io.tmpdir), from a private working directory,
+with umask 077 (key_file.json readable by its owner only), and stop() ends the whole group.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +52,30 @@ def write_config(source: Path, target: Path, overrides: dict[str, str]) -> None:
     target.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
 
 
+def anchored_allowed_urls(model_store: Path) -> str:
+    """allowed_urls admitting the archives directly inside `model_store` and nothing else.
+
+    The value is a Java regular expression read from a .properties file, where a backslash is
+    itself an escape: each one is doubled so that Java's regex sees `\\.` and not `.`.
+    """
+    pattern = "^file://" + re.escape(str(Path(model_store).resolve())) + r"/[^/]+\.mar$"
+    return pattern.replace("\\", "\\\\")
+
+
+def private_directory(path: Path) -> Path:
+    """A folder only its owner can enter (mode 0700), made or tightened."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_environment(tmp: Path) -> dict[str, str]:
+    """TorchServe's temporary files in `tmp`: the launcher's pid file (TMPDIR) and the frontend's
+    worker sockets (TEMP becomes -Djava.io.tmpdir) stay out of the shared /tmp."""
+    private_directory(tmp)
+    return {"TMPDIR": str(tmp), "TEMP": str(tmp)}
+
+
 def _group_alive(group: int) -> bool:
     try:
         os.killpg(group, 0)
@@ -73,8 +99,7 @@ class TorchServeProcess:
 
     def start(self, timeout: float = 180, wait: bool = True) -> Server:
         """Start TorchServe; unless `wait` is False, return once the model has a READY worker."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "tmp").mkdir(exist_ok=True)
+        private_directory(self.workdir)
         inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
         overrides = {
             "inference_address": f"http://127.0.0.1:{inference}",
@@ -84,15 +109,17 @@ class TorchServeProcess:
             "grpc_management_port": str(grpc_management),
             "initial_worker_port": str(20000 + inference % 20000),
             "model_store": str(self.model_store),
+            "allowed_urls": anchored_allowed_urls(self.model_store),
             **self.overrides,
         }
         config = self.workdir / "config.properties"
         write_config(self.config, config, overrides)
-        env = {**os.environ, "TMPDIR": str(self.workdir / "tmp"), **self.env}
+        env = {**os.environ, **private_environment(self.workdir / "tmp"), **self.env}
         log = open(self.workdir / "torchserve.out", "wb")
         self.process = subprocess.Popen(
             [torchserve_command(), "--start", "--foreground", "--ncs", "--ts-config", str(config)],
-            cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            umask=0o077)
         log.close()
         self.server = Server.from_config(config, self.workdir)
         if not wait:

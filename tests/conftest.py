@@ -72,8 +72,21 @@ def test_pngs(fashion_test_set):
     return [png_bytes(img) for img in images], fashion_test_set.labels[:256].tolist()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def signing_keys(tmp_path_factory):
+    """A key pair of the suite's own, named by the environment for every command the tests run:
+    archives are signed with it and verified against it (never the user's ~/.config keys)."""
+    from export.signing import PRIVATE_KEY_ENV, PUBLIC_KEY_ENV, create_key_pair
+    private, public = create_key_pair(tmp_path_factory.mktemp("signing-keys"))
+    saved = {name: os.environ.get(name) for name in (PRIVATE_KEY_ENV, PUBLIC_KEY_ENV)}
+    os.environ[PRIVATE_KEY_ENV], os.environ[PUBLIC_KEY_ENV] = str(private), str(public)
+    yield SimpleNamespace(private=private, public=public)
+    for name, value in saved.items():
+        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory, fashion_test_set):
+def artifacts(tmp_path_factory, fashion_test_set, signing_keys):
     """Train 2 epochs of the seed recipe (about 82% test accuracy), export, archive: the real
     commands, in a temp dir. Two threads: nothing else runs yet."""
     base = tmp_path_factory.mktemp("artifacts")

@@ -172,3 +172,174 @@ def test_auto_falls_back_to_fashion_mnist(tmp_path, capsys):
     info = ensure_dataset("auto", tmp_path, allow_download=False)
     assert info.name == "fashion-mnist"
     assert "took fashion-mnist" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- durability: kills, foreign files, full disks
+
+# Runs `python -m train ...` with train.loop.save_checkpoint wrapped by FAULT (python source that
+# defines `fault(real, state, path)`), to stop or fail the run at a chosen write.
+WRAPPED_TRAIN = """
+import runpy, sys
+import train.loop
+FAULT = sys.argv[1]
+namespace = {}
+exec(FAULT, namespace)
+real = train.loop.save_checkpoint
+train.loop.save_checkpoint = lambda state, path: namespace["fault"](real, state, path)
+sys.argv = ["python -m train", *sys.argv[2:]]
+runpy.run_module("train", run_name="__main__", alter_sys=True)
+"""
+
+KILL_AFTER_LAST_OF_AN_IMPROVED_EPOCH = """
+import os, signal
+def fault(real, state, path):
+    real(state, path)
+    if path.name == "last.pt" and state["epoch"] >= 2 and state["best_epoch"] == state["epoch"]:
+        os.kill(os.getpid(), signal.SIGKILL)  # between last.pt and best.pt
+"""
+
+DISK_FULL_IN_EPOCH_2 = """
+import errno, torch
+def fault(real, state, path):
+    if state["epoch"] == 2:
+        def full(obj, f, *args, **kwargs):
+            f.write(b"the first bytes of a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved, torch.save = torch.save, full
+        try:
+            return real(state, path)
+        finally:
+            torch.save = saved
+    return real(state, path)
+"""
+
+
+def train_with_fault(fault: str, checkpoint_dir, *extra):
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    return subprocess.run([sys.executable, "-c", WRAPPED_TRAIN, fault, "--dataset", "fashion-mnist",
+                           "--data-dir", str(DATA_DIR), "--checkpoint-dir", str(checkpoint_dir), *SMALL, *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_a_kill_between_last_and_best_is_repaired_from_last(tmp_path):
+    killed = train_with_fault(KILL_AFTER_LAST_OF_AN_IMPROVED_EPOCH, tmp_path, "--epochs", "3", "--lr", "0.05")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
+    assert last["best_epoch"] == last["epoch"] and best["epoch"] < last["epoch"]  # the window, caught
+    result = train(tmp_path, "--epochs", str(last["epoch"]), "--resume")
+    assert "was behind" in result.stdout
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == last["best_epoch"] and best["run_id"] == last["run_id"]
+    for name, tensor in last["model_state"].items():
+        assert torch.equal(tensor, best["model_state"][name]), name
+    assert best["metrics"] == last["history"][-1]
+
+
+def test_a_full_disk_keeps_the_previous_checkpoints(tmp_path):
+    failed = train_with_fault(DISK_FULL_IN_EPOCH_2, tmp_path, "--epochs", "2")
+    assert failed.returncode not in (0, -9)
+    assert "No space left on device" in failed.stderr and "are intact" in failed.stderr
+    assert "--resume" in failed.stderr
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    result = train(tmp_path, "--epochs", "2", "--resume")  # the way out it names works
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2, result.stdout
+
+
+def resume_decision(checkpoint_dir, *flags, monkeypatch=None):
+    """What train/main.py would resume from, asked in-process (rank 0 of 1)."""
+    from train import distributed
+    from train.main import checkpoint_to_resume, parse_args
+    args = parse_args(["--checkpoint-dir", str(checkpoint_dir), *flags])
+    return checkpoint_to_resume(args, distributed.Group())
+
+
+def a_checkpoint(path, epoch=1, run_id="run-a", launch_id="", best_epoch=1):
+    save_checkpoint({"format_version": 1, "epoch": epoch, "run_id": run_id, "launch_id": launch_id,
+                     "best_epoch": best_epoch, "settings": {"epochs": 3}, "model_state": {}}, path)
+
+
+def test_a_fresh_run_refuses_another_runs_folder(tmp_path):
+    a_checkpoint(tmp_path / "last.pt")
+    a_checkpoint(tmp_path / "best.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        resume_decision(tmp_path)
+    message = str(refused.value)
+    assert "another run's checkpoints" in message and "run run-a, epoch 1 of 3" in message
+    assert "--resume" in message and "--start-over" in message and "--checkpoint-dir" in message
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert resume_decision(tmp_path, "--start-over") is None
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+
+
+def test_a_restart_resumes_only_its_own_launch(tmp_path, monkeypatch):
+    a_checkpoint(tmp_path / "last.pt", launch_id="launch-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-2")
+    with pytest.raises(SystemExit, match=r"written by another one \(launch-1, run run-a\)"):
+        resume_decision(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
+    assert resume_decision(tmp_path)["run_id"] == "run-a"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "foreign"])
+def test_a_damaged_or_foreign_last_pt_names_the_file_and_the_way_out(tmp_path, damage):
+    last = tmp_path / "last.pt"
+    a_checkpoint(last)
+    data = last.read_bytes()
+    if damage == "truncated":
+        last.write_bytes(data[: len(data) // 2])
+    elif damage == "corrupt":
+        last.write_bytes(data[:100] + bytes(b ^ 0x5A for b in data[100:400]) + data[400:])
+    else:
+        torch.save({"model": torch.zeros(3)}, last)  # a checkpoint of something else
+    with pytest.raises(SystemExit) as refused:
+        resume_decision(tmp_path, "--resume")
+    message = str(refused.value)
+    assert str(last) in message and "--start-over" in message and "Move" in message, message
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    a_checkpoint(tmp_path / "last.pt")
+    (tmp_path / ".last.pt.k2j3h4.tmp").write_bytes(b"half")
+    (tmp_path / ".metrics.csv.x.tmp").write_bytes(b"half")
+    (tmp_path / "notes.tmp").write_bytes(b"not ours")
+    resume_decision(tmp_path, "--resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "notes.tmp"]
+
+
+@pytest.mark.slow
+def test_nodes_without_a_shared_folder_resume_from_rank_0s_state(tmp_path):
+    """Two nodes on loopback, each with its own checkpoint folder: only node 0's holds last.pt.
+    Rank 0 decides what to resume and hands the state over; node 1 never reads its folder."""
+    from serve.process import free_ports
+    from tests.test_distributed import TRAIN, launched, torchrun
+    limits = ["--train-limit", "3000", "--test-limit", "500"]
+    run_module("train", *TRAIN[2:], *limits, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "node0"))
+    (tmp_path / "node1").mkdir()
+    port = free_ports(1)[0]
+    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=unshared-test"]
+    args = [*TRAIN, *limits, "--epochs", "2", "--resume"]
+    with open(tmp_path / "log0", "w") as log0, open(tmp_path / "log1", "w") as log1, \
+            launched(torchrun(*common, "--node_rank=0", *args, "--checkpoint-dir", str(tmp_path / "node0")), log0) as node0, \
+            launched(torchrun(*common, "--node_rank=1", *args, "--checkpoint-dir", str(tmp_path / "node1")), log1) as node1:
+        assert node0.wait(timeout=300) == 0, (tmp_path / "log0").read_text()[-3000:]
+        assert node1.wait(timeout=60) == 0, (tmp_path / "log1").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "log0").read_text()
+    state = load_checkpoint(tmp_path / "node0" / "last.pt")
+    assert state["epoch"] == 2 and state["world_size"] == 2
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert not list((tmp_path / "node1").iterdir())
+
+
+def test_preparing_data_ignores_the_checkpoint_folder(tmp_path):
+    """`make data` after a run: no refusal about the run's checkpoints."""
+    a_checkpoint(tmp_path / "last.pt")
+    result = run_module("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR),
+                        "--prepare-data-only", "--checkpoint-dir", str(tmp_path))
+    assert "is ready" in result.stdout

@@ -44,11 +44,48 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f"(only tensors, numbers, strings, lists and dicts are); it was not written by "
             f"`python -m train` or was tampered with. {detail}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({first_line})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (format {FORMAT_VERSION})")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (format {FORMAT_VERSION}): "
+                              "it was not written by `python -m train`")
     return state
+
+
+CHECKPOINT_FILES = ("last.pt", "best.pt", "metrics.csv", "curves.png")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Temporary files a killed writer left (write_atomically's `.<name>.*.tmp`); returns them."""
+    stale = [p for p in Path(directory).glob(".*.tmp")
+             if p.is_file() and p.name.startswith(tuple(f".{name}." for name in CHECKPOINT_FILES))]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def reconcile_best(directory: Path | str, last: dict | None = None) -> bool:
+    """Bring best.pt up to last.pt after a stop between their writes; True if it was rewritten.
+
+    last.pt is written first and names its best epoch: if that is last.pt's own epoch and best.pt
+    holds another epoch (or another run), last.pt holds the best state and becomes best.pt.
+    """
+    directory = Path(directory)
+    last = last if last is not None else load_checkpoint(directory / "last.pt")
+    if last.get("best_epoch") != last["epoch"]:
+        return False
+    best_path = directory / "best.pt"
+    try:
+        best = load_checkpoint(best_path)
+        if (best.get("run_id"), best["epoch"]) == (last.get("run_id"), last["epoch"]):
+            return False
+    except CheckpointError:
+        pass  # missing or unreadable: last.pt replaces it all the same
+    save_checkpoint(last, best_path)
+    print(f"[train] {best_path} was behind {directory / 'last.pt'} (stopped between the two "
+          f"writes): rewritten from last.pt, epoch {last['epoch']}")
+    return True
 
 
 

@@ -87,6 +87,27 @@ def my_share(batch: torch.Tensor, group: Group) -> torch.Tensor:
     return batch.tensor_split(group.world_size)[group.rank] if group.world_size > 1 else batch
 
 
+def from_main(group: Group, decide):
+    """`decide()` run by rank 0 alone, its answer (or its SystemExit) handed to every rank.
+
+    The checkpoint to resume from is decided so: ranks on other nodes may see another
+    checkpoint folder, or none, and every rank must still resume from the same state.
+    """
+    if group.world_size == 1:
+        return decide()
+    payload = [None]
+    if group.is_main:
+        try:
+            payload = [("ok", decide())]
+        except SystemExit as stop:
+            payload = [("exit", str(stop.code))]
+    dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if kind == "exit":
+        raise SystemExit(value if group.is_main else f"[rank {group.rank}] rank 0 stopped: {value}")
+    return value
+
+
 def sum_over_ranks(value: torch.Tensor, group: Group) -> torch.Tensor:
     if group.world_size > 1:
         dist.all_reduce(value)

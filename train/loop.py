@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train import distributed
-from train.checkpoint import FORMAT_VERSION, save_checkpoint
+from contract.bundle import write_atomically
+from train.checkpoint import FORMAT_VERSION, CheckpointError, save_checkpoint
 from train.data import DatasetInfo, hold_out, load_split, normalize, pixel_statistics
 from train.model import ARCHITECTURE, INPUT_SHAPE, build_model
 
@@ -64,7 +65,9 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     history: list[dict] = field(default_factory=list)
     best_validation_accuracy: float = -1.0
+    best_epoch: int = 0
     first_epoch: int = 1
+    run_id: str = ""  # made when the run starts, kept by every resume: a restart resumes its own run only
 
 
 def load_data(info: DatasetInfo, data_dir: Path, device: torch.device, validation_size: int, seed: int,
@@ -115,6 +118,11 @@ def build_run(settings: dict, epochs: int, checkpoint_dir: Path, device: torch.d
         run.history = resumed["history"]
         run.first_epoch = resumed["epoch"] + 1
         run.best_validation_accuracy = resumed["best_validation_accuracy"]
+        run.best_epoch = resumed.get("best_epoch", 0)
+        run.run_id = resumed.get("run_id", "")
+    if not run.run_id:
+        import uuid
+        run.run_id = uuid.uuid4().hex[:12]
     return run
 
 
@@ -231,7 +239,14 @@ def best_epoch(history: list[dict]) -> dict:
 
 
 def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
-    """last.pt (and best.pt when the epoch improved), metrics.csv and curves.png."""
+    """last.pt (and best.pt when the epoch improved), metrics.csv and curves.png.
+
+    last.pt is written first: it records which epoch is the best, so a stop between the two
+    writes leaves a last.pt that holds the best state itself, and train/checkpoint.reconcile_best
+    brings best.pt up to it. A failed write (a full disk) leaves both previous files as they were.
+    """
+    if improved:
+        run.best_epoch = epoch
     state = {
         "format_version": FORMAT_VERSION,
         "architecture": ARCHITECTURE,
@@ -244,6 +259,11 @@ def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
         "metrics": run.history[-1],
         "history": run.history,
         "best_validation_accuracy": run.best_validation_accuracy,
+        "best_epoch": run.best_epoch,
+        "run_id": run.run_id,
+        # torchrun's id of this launch (stable across its --max-restarts): a restarted group
+        # resumes only a last.pt written by its own launch.
+        "launch_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
         "data": {"dataset": run.data.info.name, "classes": list(run.data.info.classes),
                  "mean": run.data.mean, "std": run.data.std, "input_shape": list(INPUT_SHAPE),
                  # the validation set is held out of the training set: seed and size say which
@@ -253,10 +273,16 @@ def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
         "trained_on": run.device.type,
         "world_size": run.group.world_size,
     }
-    save_checkpoint(state, run.checkpoint_dir / "last.pt")
-    if improved:
-        save_checkpoint(state, run.checkpoint_dir / "best.pt")
-    write_metrics(run.history, run.checkpoint_dir)
+    try:
+        save_checkpoint(state, run.checkpoint_dir / "last.pt")
+        if improved:
+            save_checkpoint(state, run.checkpoint_dir / "best.pt")
+        write_metrics(run.history, run.checkpoint_dir)
+    except OSError as error:
+        raise CheckpointError(
+            f"writing the checkpoints of epoch {epoch} in {run.checkpoint_dir} failed: {error}. "
+            f"The previous last.pt and best.pt are intact (no temporary file is left); free space "
+            f"there, then continue with the same command and --resume") from None
 
 
 def write_metrics(history: list[dict], directory: Path) -> None:
@@ -265,9 +291,7 @@ def write_metrics(history: list[dict], directory: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    tmp = directory / ".metrics.csv.tmp"
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, directory / "metrics.csv")
+    write_atomically(directory / "metrics.csv", buf.getvalue().encode())
     plot_curves(history, directory / "curves.png")
 
 
@@ -290,5 +314,5 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy")
     ax_acc.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

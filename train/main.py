@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from train import distributed
-from train.checkpoint import CheckpointError, load_checkpoint
+from train.checkpoint import (CHECKPOINT_FILES, CheckpointError, load_checkpoint, reconcile_best,
+                              remove_stale_temporaries)
 from train.data import CHOICES, DataUnavailable, ensure_dataset
 from train.loop import best_epoch, build_run, load_data, train
 
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "processes torchrun starts on this machine); use 1 when other work shares them")
     p.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"))
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt")
+    p.add_argument("--start-over", action="store_true",
+                   help="delete the checkpoints already in --checkpoint-dir and start a new run there")
     p.add_argument("--stop-after-epoch", type=int, default=None,
                    help="end this session after that epoch; --resume continues the planned --epochs")
     p.add_argument("--validation-size", type=int, default=5000,
@@ -104,17 +107,17 @@ def main(argv=None) -> None:
 
 
 def resume_settings(args, settings: dict, group: distributed.Group) -> dict | None:
-    """The checkpoint to resume from, if any; its recipe replaces the command line's in `settings`."""
-    ckpt = args.checkpoint_dir / "last.pt"
-    if not (args.resume or (group.restarted and ckpt.exists())):
+    """The checkpoint to resume from, if any; its recipe replaces the command line's in `settings`.
+    Decided by rank 0 alone and handed to every rank (distributed.from_main)."""
+    if args.prepare_data_only:
         return None
-    try:
-        resumed = load_checkpoint(ckpt)
-    except CheckpointError as error:
-        raise SystemExit(f"--resume: {error}")
+    resumed = distributed.from_main(group, lambda: checkpoint_to_resume(args, group))
+    if resumed is None:
+        return None
     if "validation_size" not in resumed["settings"]:
-        raise SystemExit(f"--resume: {ckpt} was trained before the validation split existed (its "
-                         "best.pt was chosen on the test set); start a new run in another --checkpoint-dir")
+        raise SystemExit(f"--resume: {args.checkpoint_dir / 'last.pt'} was trained before the validation "
+                         "split existed (its best.pt was chosen on the test set); start a new run in "
+                         "another --checkpoint-dir, or pass --start-over")
     for key in RECIPE_KEYS:
         if settings[key] != resumed["settings"][key] and not (key == "dataset" and settings[key] == "auto"):
             print(f"[train] --resume keeps the run's {key}={resumed['settings'][key]!r} "
@@ -124,6 +127,51 @@ def resume_settings(args, settings: dict, group: distributed.Group) -> dict | No
         raise SystemExit(f"--resume: the one-cycle schedule was planned for --epochs "
                          f"{resumed['settings']['epochs']}; resume with that number")
     return resumed
+
+
+def checkpoint_to_resume(args, group: distributed.Group) -> dict | None:
+    """What this run continues: nothing (a fresh run in an empty folder), the folder's last.pt
+    (--resume, or a torchrun restart of the launch that wrote it), or a refusal that says why."""
+    folder = args.checkpoint_dir
+    ckpt = folder / "last.pt"
+    for path in remove_stale_temporaries(folder) if folder.is_dir() else []:
+        print(f"[train] removed {path}, left by a run that was stopped while writing")
+    if args.start_over and not group.restarted:  # a restart keeps what its own launch wrote
+        for name in CHECKPOINT_FILES:
+            (folder / name).unlink(missing_ok=True)
+        print(f"[train] --start-over: removed the checkpoints in {folder}/")
+        return None
+    restart = group.restarted and not args.resume
+    if not (args.resume or restart):
+        present = [name for name in ("last.pt", "best.pt") if (folder / name).exists()]
+        if present:
+            raise SystemExit(f"[train] {folder}/ holds another run's checkpoints ({', '.join(present)}"
+                             f"{describe(folder / present[0])}); a new run would overwrite them. "
+                             f"--resume continues that run, --start-over deletes them and starts a new "
+                             f"one, --checkpoint-dir DIR trains into another folder")
+        return None
+    if restart and not ckpt.exists():
+        return None  # restarted before this launch wrote its first checkpoint
+    way_out = (f"Move {ckpt} aside (or restore a good copy) and resume again, or --start-over to "
+               f"start a new run in {folder}/, or --checkpoint-dir DIR for another folder")
+    try:
+        resumed = load_checkpoint(ckpt)
+    except CheckpointError as error:
+        raise SystemExit(f"--resume: {error}. {way_out}")
+    if restart and resumed.get("launch_id") != os.environ.get("TORCHELASTIC_RUN_ID"):
+        raise SystemExit(f"[train] torchrun restarted this launch ({os.environ.get('TORCHELASTIC_RUN_ID')}), "
+                         f"but {ckpt} was written by another one ({resumed.get('launch_id') or 'not torchrun'}, "
+                         f"run {resumed.get('run_id', '?')}): not resuming it. {way_out}")
+    reconcile_best(folder, resumed)
+    return resumed
+
+
+def describe(path) -> str:
+    try:
+        state = load_checkpoint(path)
+        return f": run {state.get('run_id', '?')}, epoch {state['epoch']} of {state['settings'].get('epochs', '?')}"
+    except CheckpointError:
+        return ", unreadable"
 
 
 def run(args, group: distributed.Group, device: torch.device) -> None:
@@ -150,7 +198,8 @@ def run(args, group: distributed.Group, device: torch.device) -> None:
         raise SystemExit(f"[train] {error}")
     training = build_run(settings, args.epochs, ckpt_dir, device, group, data, resumed)
     if resumed:
-        print(f"[train] resumed from {ckpt_dir / 'last.pt'} after epoch {resumed['epoch']}")
+        print(f"[train] resumed from {ckpt_dir / 'last.pt'} after epoch {resumed['epoch']} "
+              f"(run {training.run_id})")
 
     print(f"[train] {info.name}: {len(data.y_train)} training / {len(data.y_val)} validation (held out of "
           f"the training set, seed {settings['seed']}) / {len(data.y_test)} test images, "
