@@ -12,6 +12,13 @@ tag=${2:-mnist-serve:$variant}
 root=$(cd "$(dirname "$0")/.." && pwd)
 mar=${MAR:-$root/model_store/mnist.mar}
 [ -f "$mar" ] || { echo "$mar is missing: run \`make archive\` first" >&2; exit 1; }
+# Only an archive that verifies is baked in: signature (against the configured public key), the
+# files as TorchServe unpacks them, bundle.json's hashes, the self-test (export/verify.py). The
+# container itself starts TorchServe directly; what it serves was checked here.
+python=${PYTHON:-$root/.venv/bin/python}
+[ -x "$python" ] || python=python3
+(cd "$root" && "$python" -m export verify "$mar") || {
+    echo "refusing to build an image around $mar: it does not verify (see above)" >&2; exit 1; }
 docker info >/dev/null 2>&1 || { echo "dockerd is not running: start it as root (dockerd &), or run \`make image-test\`, which does" >&2; exit 1; }
 bash "$root/deploy/base-image.sh"
 
