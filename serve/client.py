@@ -78,8 +78,10 @@ class Server:
             raise ServerError(f"GET /models/{model}: HTTP {response.status_code} {response.text.strip()}")
         return response.json()[0]
 
-    def wait_until_ready(self, model: str = MODEL_NAME, timeout: float = 180, process=None) -> dict:
-        """Block until `model` has a READY worker; return its description.
+    def wait_until_ready(self, model: str = MODEL_NAME, timeout: float = 180, process=None,
+                         every_worker: bool = False) -> dict:
+        """Block until `model` has a READY worker (every_worker: until all its workers are
+        READY); return its description.
 
         Asks the management API, never /ping: /ping answers Healthy while workers crash-loop.
         `process` (a Popen), if given, is checked so that a dead server fails fast.
@@ -90,7 +92,8 @@ class Server:
                 raise ServerError(f"TorchServe exited with code {process.returncode}; see {self.workdir}/logs/")
             try:
                 description = self.describe(model)
-                if any(w["status"] == "READY" for w in description["workers"]):
+                ready = [w["status"] == "READY" for w in description["workers"]]
+                if any(ready) and (all(ready) or not every_worker):
                     return description
                 last = "workers: " + ", ".join(w["status"] for w in description["workers"])
             except (requests.ConnectionError, requests.Timeout, ServerError) as error:

@@ -14,8 +14,8 @@ from tests.conftest import encode_image, png_bytes
 
 
 
-def worker_pid(server) -> int:
-    return server.describe()["workers"][0]["pid"]
+def worker_pids(server) -> list[int]:
+    return sorted(w["pid"] for w in server.describe()["workers"])
 
 
 def test_response_format(server, test_pngs, artifacts):
@@ -120,7 +120,7 @@ def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
 
 
 def test_bad_requests_get_4xx_and_never_hurt_the_worker_or_their_batch(server, test_pngs):
-    pid = worker_pid(server)
+    pids = worker_pids(server)
     good = test_pngs[0][:48]
     expected_good = [server.predict(png, "image/png").json()["label"] for png in good]
     cases = bad_requests()
@@ -151,5 +151,19 @@ def test_bad_requests_get_4xx_and_never_hurt_the_worker_or_their_batch(server, t
         assert "error" in error or "message" in error, f"{name}: {error}"
         assert words in json.dumps(error), f"{name}: {error}"
     assert shared > 0, "no good request shared a batch: the test did not exercise batching"
-    assert worker_pid(server) == pid, "a bad request restarted the worker"
+    assert worker_pids(server) == pids, "a bad request restarted a worker"
     assert server.predict(good[0], "image/png").status_code == 200
+
+
+def test_shipped_configuration_starts_one_worker_per_core_or_gpu(server):
+    """handlers/model-config.yaml and config.properties leave the worker count to TorchServe,
+    which starts one per GPU, or one per usable core without GPUs (each with one torch thread)."""
+    import os
+
+    import torch
+    gpus = torch.cuda.device_count()
+    expected = gpus or len(os.sched_getaffinity(0))
+    workers = server.describe()["workers"]
+    assert len(workers) == expected, f"{len(workers)} workers for {expected} {'GPUs' if gpus else 'cores'}: {workers}"
+    assert all(w["status"] == "READY" for w in workers), workers
+    assert all(w["gpu"] == bool(gpus) for w in workers), workers
