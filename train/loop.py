@@ -124,11 +124,9 @@ def shift_images(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     data sets) fill what moves in."""
     _, _, height, width = x.shape
     pad = int(shifts.abs().max())
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate").permute(0, 2, 3, 1)  # (B, H', W', C)
-    rows = torch.arange(height, device=x.device) + pad - shifts[:, :1]  # (B, H)
-    cols = torch.arange(width, device=x.device) + pad - shifts[:, 1:]  # (B, W)
-    batch = torch.arange(len(x), device=x.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    # every (2 pad + 1)^2 crop of the padded batch as a view, then one crop per image
+    windows = F.pad(x, (pad, pad, pad, pad), mode="replicate").unfold(2, height, 1).unfold(3, width, 1)
+    return windows[torch.arange(len(x), device=x.device), :, pad - shifts[:, 0], pad - shifts[:, 1]]
 
 
 def train_epoch(model, optimizer, images, labels, batch_size, order, progress,
