@@ -1,12 +1,16 @@
 """Benchmarks, each fast path beside its baseline in the same run: `python -m bench` (make bench).
 
 1. training: the seed tutorial's loop (torchvision DataLoader, per-item ToTensor/Normalize) vs
-   the tensor fast path, same model, batch 64 and recipe; then `--recipe seed` vs `--recipe fast`
-   to the accuracy target;
+   the tensor fast path, same model, batch 64 and recipe, three runs (the speedup's spread); then
+   each recipe (`--recipes`, default seed and fast) to its end, with the training seconds it took
+   to first reach 90% and 91% test accuracy;
 2. in-process inference, batch 1 and 64: eager PyTorch, TorchScript, onnxruntime (1 thread);
-3. REST: wrk against TorchServe (batching off/on, 1 and 2 workers) at concurrency 1, 8, 32, and
-   against a minimal loopback HTTP server (the transport ceiling);
-4. start-up: seconds from starting TorchServe to a READY worker.
+3. REST: wrk against TorchServe as it ships (handlers/model-config.yaml and config.properties
+   unchanged: one worker per core) with PNG and with JSON bodies, against variants (batching
+   off/on, 1 and 2 workers), against the peers users pick instead (bench/peers.py: LitServe and
+   BentoML serving the same ONNX model with the same preprocessing and the same JSON bodies),
+   and against a minimal loopback HTTP server (the transport ceiling);
+4. start-up: seconds from starting TorchServe to every worker READY.
 
 Writes bench/results/<host>-<date>.json, bench/results/latest.md and bench/results/latest.png.
 The machine is shared and noisy: figures are medians, and comparisons are ratios within one run.
