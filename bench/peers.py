@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def bench_peers(build: Path, work: Path, png: Path, concurrency: int, seconds: i
     expected = reference_probabilities(build, png.read_bytes())
     results = {}
     for peer in peers or default_peers():
-        directory = work / peer.name.replace(" ", "").replace(",", "-").replace("(", "").replace(")", "")
+        directory = work / re.sub(r"\W+", "-", peer.name).strip("-")
         directory.mkdir(parents=True, exist_ok=True)
         body = directory / "body.json"
         body.write_bytes(peer.body(image_b64))
