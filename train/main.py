@@ -28,12 +28,14 @@ RECIPE_KEYS = ("dataset", "recipe", "batch_size", "lr", "momentum", "nesterov", 
 LEGACY_SETTINGS = {"shift": 0}
 
 # --recipe picks the defaults; any flag given explicitly still wins. "seed" is the tutorial's
-# recipe; "fast" is the same network trained harder: a larger batch, Nesterov momentum, weight
-# decay, a one-cycle learning rate and random horizontal flips.
+# recipe; "fast" is the same network trained harder: Nesterov momentum, weight decay, a one-cycle
+# learning rate and random horizontal flips.
 RECIPES = {
     "seed": {"epochs": 10, "batch_size": 64, "lr": 0.01, "momentum": 0.5, "nesterov": False,
              "weight_decay": 0.0, "schedule": "constant", "flip": False, "shift": 0},
-    "fast": {"epochs": 15, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "nesterov": True,
+    # batch 64 at a peak of 0.05 (twice the steps of batch 128 at 0.1): 91.05% on the CPU host,
+    # where batch 128 ended at 90.96% (README "Training")
+    "fast": {"epochs": 15, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "nesterov": True,
              "weight_decay": 5e-4, "schedule": "onecycle", "flip": True, "shift": 0},
 }
 
