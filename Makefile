@@ -2,6 +2,7 @@
 # `make help` lists the targets; variables: DATASET, EPOCHS, NPROC, FORMAT, IMG, PORT, PYTHON, TRAIN_ARGS, PYTEST_ARGS, VARIANT.
 SHELL := /bin/bash
 VENV := .venv
+PEERS_VENV := .venv-peers
 PYTHON ?= $(VENV)/bin/python
 DATASET ?= auto
 EPOCHS ?= 10
@@ -17,7 +18,7 @@ VARIANT ?= cpu
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity bench demo image image-test clean
+.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -76,7 +77,14 @@ test-gpu:  ## the GPU tests alone; PYTHON=python3 on hosts that bring their own 
 parity: install  ## the parity tests: eager, TorchScript, TorchServe, onnxruntime agree
 	$(PYTHON) -m pytest tests/test_parity.py $(PYTEST_ARGS)
 
-bench: install  ## side-by-side benchmarks -> bench/results/latest.{md,png} and a JSON (about 5 min)
+peers-venv: $(PEERS_VENV)/.installed  ## the venv of the peers make bench compares (LitServe, BentoML)
+
+$(PEERS_VENV)/.installed: bench/requirements-peers.txt
+	[ -x $(PEERS_VENV)/bin/python ] || python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements-peers.txt
+	touch $@
+
+bench: install peers-venv  ## side-by-side benchmarks, peers included -> bench/results/latest.{md,png} and a JSON
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } || \
 		{ echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(PYTHON) -m bench

@@ -116,26 +116,30 @@ class Server:
             raise ServerError(f"GET /models/{model}: HTTP {response.status_code} {response.text.strip()}")
         return response.json()[0]
 
-    def wait_until_ready(self, model: str = MODEL_NAME, timeout: float = 180, process=None) -> dict:
-        """Block until `model` has a READY worker; return its description.
+    def wait_until_ready(self, model: str = MODEL_NAME, timeout: float = 180, process=None,
+                         every_worker: bool = False) -> dict:
+        """Block until `model` has a READY worker (every_worker: until all its workers are
+        READY); return its description.
 
         Asks the management API, never /ping: /ping answers Healthy while workers crash-loop.
         `process` (a Popen), if given, is checked so that a dead server fails fast.
         """
-        deadline, last = time.monotonic() + timeout, "no answer yet"
+        deadline, last, some_ready = time.monotonic() + timeout, "no answer yet", False
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
                 raise ServerError(f"TorchServe exited with code {process.returncode}; see {self.workdir}/logs/")
             try:
                 description = self.describe(model)
-                if any(w["status"] == "READY" for w in description["workers"]):
+                ready = [w["status"] == "READY" for w in description["workers"]]
+                if any(ready) and (all(ready) or not every_worker):
                     return description
+                some_ready = any(ready)
                 last = "workers: " + ", ".join(w["status"] for w in description["workers"])
             except (requests.ConnectionError, requests.Timeout, ServerError) as error:
                 last = str(error)
             time.sleep(0.5)
-        raise ServerError(f"{model} had no READY worker after {timeout:.0f} s ({last}); "
-                          f"see {self.workdir}/logs/model_log.log")
+        what = f"not every worker of {model} was READY" if some_ready else f"{model} had no READY worker"
+        raise ServerError(f"{what} after {timeout:.0f} s ({last}); see {self.workdir}/logs/model_log.log")
 
     def predict(self, body: bytes, content_type: str = "application/octet-stream",
                 model: str = MODEL_NAME, session: requests.Session | None = None,

@@ -86,6 +86,26 @@ def _group_alive(group: int) -> bool:
         return True
 
 
+def stop_process_group(process: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL, to the group of a process started with start_new_session=True,
+    waiting until none of it is left (its children included)."""
+    if process is None:
+        return
+    group = process.pid
+    for sig, patience in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline and _group_alive(group):
+            process.poll()  # reap the launcher so that it does not linger as a zombie
+            time.sleep(0.1)
+        if not _group_alive(group):
+            break
+    process.poll()
+
+
 class TorchServeProcess:
     def __init__(self, model_store: Path, workdir: Path, overrides: dict[str, str] | None = None,
                  config: Path = ROOT / "config.properties", env: dict[str, str] | None = None):
@@ -125,7 +145,7 @@ class TorchServeProcess:
         if not wait:
             return self.server
         try:
-            self.server.wait_until_ready(timeout=timeout, process=self.process)
+            self.server.wait_until_ready(timeout=timeout, process=self.process, every_worker=True)
         except BaseException:
             self.stop()
             raise
@@ -133,21 +153,7 @@ class TorchServeProcess:
 
     def stop(self) -> None:
         """End the whole process group (launcher, Java frontend, Python workers) and wait for it."""
-        if self.process is None:
-            return
-        group = self.process.pid
-        for sig, patience in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + patience
-            while time.monotonic() < deadline and _group_alive(group):
-                self.process.poll()  # reap the launcher so that it does not linger as a zombie
-                time.sleep(0.1)
-            if not _group_alive(group):
-                break
-        self.process.poll()
+        stop_process_group(self.process)
 
     def __enter__(self) -> Server:
         return self.start()

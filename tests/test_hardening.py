@@ -80,9 +80,12 @@ def test_tampered_archive_is_refused_by_verify_and_by_the_handler(artifacts, tmp
 
 @pytest.fixture(scope="module")
 def fault_server(artifacts, tmp_path_factory):
-    """A TorchServe of its own: these tests kill its worker and load it for a minute."""
-    process = TorchServeProcess(artifacts.model_store, tmp_path_factory.mktemp("faults"))
+    """A TorchServe of its own with one worker (the shipped config starts one per core): these
+    tests kill that worker, wait for its replacement, and load it for a minute."""
+    process = TorchServeProcess(artifacts.model_store, tmp_path_factory.mktemp("faults"),
+                                overrides={"default_workers_per_model": "1"})
     process.start()
+    assert len(process.server.describe()["workers"]) == 1
     yield process.server
     process.stop()
 

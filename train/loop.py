@@ -137,10 +137,27 @@ def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.rand(n, generator=g) < 0.5
 
 
+def epoch_shifts(n: int, seed: int, epoch: int, max_shift: int) -> torch.Tensor:
+    """(dy, dx) per training image for epoch `epoch`, each in -max_shift..max_shift: resumable."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 70_000)
+    return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=g)
+
+
+def shift_images(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Each image of (B, C, H, W) moved by its (dy, dx); the edge pixels (background in these
+    data sets) fill what moves in."""
+    _, _, height, width = x.shape
+    pad = int(shifts.abs().max())
+    # every (2 pad + 1)^2 crop of the padded batch as a view, then one crop per image
+    windows = F.pad(x, (pad, pad, pad, pad), mode="replicate").unfold(2, height, 1).unfold(3, width, 1)
+    return windows[torch.arange(len(x), device=x.device), :, pad - shifts[:, 0], pad - shifts[:, 1]]
+
+
 def train_epoch(model, optimizer, images, labels, batch_size, order, progress,
                 group: distributed.Group = distributed.Group(), scheduler=None,
-                flips: torch.Tensor | None = None) -> float:
-    """One pass over `order`. flips: a bool per training image, True to mirror it this epoch."""
+                flips: torch.Tensor | None = None, shifts: torch.Tensor | None = None) -> float:
+    """One pass over `order`. flips: a bool per training image, True to mirror it this epoch;
+    shifts: a (dy, dx) per training image to move it by this epoch."""
     model.train()
     total_loss = torch.zeros((), device=images.device)
     order = order.to(images.device)
@@ -150,6 +167,8 @@ def train_epoch(model, optimizer, images, labels, batch_size, order, progress,
         x = images[mine]
         if flips is not None:
             x = torch.where(flips[mine].view(-1, 1, 1, 1), x.flip(-1), x)
+        if shifts is not None:
+            x = shift_images(x, shifts[mine])
         optimizer.zero_grad(set_to_none=True)
         loss_sum = F.nll_loss(model(x), labels[mine], reduction="sum")
         # DDP averages gradients over the ranks: scaled so, the step is that of the global mean
@@ -196,10 +215,13 @@ def train(run: Run, last_epoch: int, test_batch_size: int = 1000) -> None:
         started = time.perf_counter()
         order = epoch_order(len(data.y_train), settings["seed"], epoch)
         flips = epoch_flips(len(data.y_train), settings["seed"], epoch).to(run.device) if settings["flip"] else None
+        shifts = (epoch_shifts(len(data.y_train), settings["seed"], epoch, settings["shift"]).to(run.device)
+                  if settings.get("shift") else None)
         with tqdm(total=len(order), desc=f"epoch {epoch}/{run.epochs}", unit="img",
                   disable=None if run.group.is_main else True, leave=False, file=sys.stderr) as progress:
             train_loss = train_epoch(trained, run.optimizer, data.x_train, data.y_train,
-                                     settings["batch_size"], order, progress, run.group, run.scheduler, flips)
+                                     settings["batch_size"], order, progress, run.group, run.scheduler, flips,
+                                     shifts)
         if run.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
