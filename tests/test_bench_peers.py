@@ -1,5 +1,4 @@
 """bench/peers.py: the peers make bench measures TorchServe against."""
-from pathlib import Path
 
 import pytest
 

@@ -18,7 +18,7 @@ from PIL import Image
 from contract.preprocessing import InputSpec, decode_image, preprocess
 from tests.conftest import report, run_module
 from tests.test_edge import without_torch
-from tests.test_serve import bad_requests, worker_pid
+from tests.test_serve import bad_requests, worker_pids
 from train.checkpoint import load_model
 
 # |sum of attributions - (P(x) - P(black))|, in probability. Measured on the 2-core CPU host
@@ -101,7 +101,7 @@ def test_the_server_map_is_captum_on_the_eager_model(explanations, test_pngs, ea
 
 
 def test_bad_explanation_requests_get_the_same_answer_as_predictions(server, test_pngs):
-    pid = worker_pid(server)
+    pids = worker_pids(server)
     for name, body, content_type, status, words in bad_requests():
         predicted = server.predict(body, content_type)
         explained = server.explain(body, content_type)
@@ -109,7 +109,7 @@ def test_bad_explanation_requests_get_the_same_answer_as_predictions(server, tes
         assert explained.text == predicted.text, f"{name}: {explained.text} vs {predicted.text}"
         if words is not None:
             assert words in json.dumps(explained.json()), name
-    assert worker_pid(server) == pid, "a bad explanation request restarted the worker"
+    assert worker_pids(server) == pids, "a bad explanation request restarted a worker"
     assert server.explain(test_pngs[0][0], "image/png", timeout=60).status_code == 200
 
 
