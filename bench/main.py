@@ -352,7 +352,7 @@ def format_callables(build: Path, bundle: dict) -> dict:
 
 def bench_formats(build: Path, work: Path, seconds: int, concurrency: int = 32) -> dict:
     """The three formats side by side, each served from its own archive with the shipped
-    model-config.yaml (1 worker, batches of up to 16). The pt2 model must be in `build`
+    model-config.yaml (one worker per core, batches of up to 16). The pt2 model must be in `build`
     (`python -m export build --format pt2`); a format not built is left out, saying so."""
     from contract.bundle import load_bundle
     from export.edge_artifacts import median_us_per_image
@@ -407,7 +407,7 @@ def bench_formats(build: Path, work: Path, seconds: int, concurrency: int = 32) 
 
 def formats_markdown(fr: dict) -> list[str]:
     lines = ["", f"## Formats (CPU, 1 thread; REST: wrk, concurrency {fr['concurrency']}, "
-             f"{fr['duration_seconds']} s, 1 worker, batches of up to 16)", "",
+             f"{fr['duration_seconds']} s, the shipped model-config.yaml: one worker per core, batches of up to 16)", "",
              "| format | us/image batch 1 | us/image batch 64 | REST req/s | p99 ms | non-2xx | "
              "start-up to READY s | archive KiB | model file KiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

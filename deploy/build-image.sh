@@ -48,7 +48,8 @@ cpu)
     else
         printf -- '--index-url https://download.pytorch.org/whl/cpu\n%s\n' "$torch_range" >"$ctx/torch.txt"
     fi
-    : >"$ctx/extra.txt" ;;
+    # onnxruntime for an archive that serves model.onnx (make archive FORMAT=onnx)
+    echo 'onnxruntime>=1.20' >"$ctx/extra.txt" ;;
 gpu)
     echo "$torch_range" >"$ctx/torch.txt"            # PyPI's default Linux wheel: CUDA
     echo 'onnxruntime-gpu>=1.20' >"$ctx/extra.txt" ;;

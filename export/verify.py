@@ -268,6 +268,7 @@ def verify_archive(mar: Path, public_key: Path | None = None, allow_unsigned: bo
             tested = f"self-test label {label} ({bundle['classes'][label]}), max |dp| {max_diff:.3g}"
         else:
             tested = "no self-test"
+    fmt, _ = served_format(bundle, serialized)
     print(f"[verify] {mar}: OK: {len(names)} files as TorchServe unpacks them, {signer}, "
-          f"bundle.json SHA-256 sums, {tested}")
+          f"bundle.json SHA-256 sums, serves {serialized} ({fmt}), {tested}")
     return bundle

@@ -201,8 +201,7 @@ class MnistHandler(BaseHandler):
     def handle(self, data, context):
         # BaseHandler.handle looks at the first request's "explain" header only and answers the
         # whole batch one way; here each request gets what it asked for, and the explanation
-        # requests get their prediction as well. (TorchServe itself records each batch's
-        # PredictionTime; a second timing metric per batch cost 4% of the worker's time.)
+        # requests get their prediction as well.
         self.context = context
         self.decode_ms, self.model_ms = [], None
         batch = self.preprocess(data)

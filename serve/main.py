@@ -67,7 +67,7 @@ def start(args, server: Server) -> None:
     said = console.read_text()
     if returncode != 0 or "already running" in said:
         raise SystemExit(f"[serve] torchserve --start failed: {said.strip()[-2000:]}")
-    description = server.wait_until_ready(timeout=args.timeout)
+    description = server.wait_until_ready(timeout=args.timeout, every_worker=True)
     if server.key_file.exists():
         os.chmod(server.key_file, 0o600)  # umask 077 made it so; an older file is tightened
     worker = next(w for w in description["workers"] if w["status"] == "READY")

@@ -237,8 +237,8 @@ def test_edge_cli_frames_and_can_be_told_not_to(artifacts, fashion_test_set, tmp
     model = str(artifacts.build_dir / "model.onnx")
     accuracy = {}
     for mode in ("auto", "off"):
-        answers = json.loads(run_module("edge", str(tmp_path), "--model", model, "--json",
-                                        "--framing", mode).stdout)
+        lines = run_module("edge", str(tmp_path), "--model", model, "--json", "--framing", mode).stdout
+        answers = {answer["path"]: answer for answer in map(json.loads, lines.splitlines())}
         predicted = np.array([answers[str(tmp_path / f"{i:03d}-canvas.png")]["label"] for i in range(60)])
         accuracy[mode] = float((predicted == labels).mean())
         assert all(a["framing"]["applied"] == (mode == "auto") for a in answers.values())

@@ -107,7 +107,9 @@ def probe(kind: str, process: TorchServeProcess) -> tuple[int, str]:
 
 
 def test_probes_say_ready_and_live_for_a_serving_model(torchserve):
-    assert probe("ready", torchserve) == (0, "ready: yes (mnist workers: READY)\n")
+    code, said = probe("ready", torchserve)
+    workers = len(torchserve.server.describe()["workers"])
+    assert code == 0 and said == f"ready: yes (mnist workers: {', '.join(['READY'] * workers)})\n", said
     code, said = probe("live", torchserve)
     assert code == 0 and "frontend answers (/ping: HTTP 200)" in said
 
@@ -374,9 +376,12 @@ def test_manifests_hold_the_production_decisions():
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     container = pod["containers"][0]
     # Probes: readiness and startup ask for a READY worker, liveness for a frontend that answers.
-    assert container["readinessProbe"]["exec"]["command"][:4] == ["python3", "-m", "serve.probe", "ready"]
-    assert container["startupProbe"]["exec"]["command"][:4] == ["python3", "-m", "serve.probe", "ready"]
-    assert container["livenessProbe"]["exec"]["command"][:4] == ["python3", "-m", "serve.probe", "live"]
+    # PYTHONPATH for the probes alone: the server imports the contract/ of its signed archive
+    probe = ["env", "PYTHONPATH=/app", "python3", "-m", "serve.probe"]
+    assert container["readinessProbe"]["exec"]["command"][:6] == probe + ["ready"]
+    assert container["startupProbe"]["exec"]["command"][:6] == probe + ["ready"]
+    assert container["livenessProbe"]["exec"]["command"][:6] == probe + ["live"]
+    assert "PYTHONPATH" not in {e["name"] for e in container.get("env", [])}
     # Non-root, nothing writable but its volumes, no privileges: the image's user.
     user = re.search(r"^USER (\d+)", (ROOT / "deploy" / "Dockerfile").read_text(), re.M).group(1)
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == int(user)

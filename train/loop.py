@@ -147,7 +147,7 @@ def shift_images(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Each image of (B, C, H, W) moved by its (dy, dx); the edge pixels (background in these
     data sets) fill what moves in."""
     _, _, height, width = x.shape
-    pad = int(shifts.abs().max())
+    pad = int(shifts.abs().max()) if len(shifts) else 0  # a rank's share of a last batch can be empty
     # every (2 pad + 1)^2 crop of the padded batch as a view, then one crop per image
     windows = F.pad(x, (pad, pad, pad, pad), mode="replicate").unfold(2, height, 1).unfold(3, width, 1)
     return windows[torch.arange(len(x), device=x.device), :, pad - shifts[:, 0], pad - shifts[:, 1]]

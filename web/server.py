@@ -118,7 +118,7 @@ class PageHandler(BaseHTTPRequestHandler):
             framing = self.headers.get(FRAMING_HEADER)
             reply = server.predict(body, self.headers.get("Content-Type") or "application/octet-stream",
                                    headers={FRAMING_HEADER: framing} if framing else None)
-            key = server.key("inference")
+            key = server.key("inference") if server.tokens else None
         except ServerError as error:
             return 503, _json(responses.error(str(error), 503))
         except requests.RequestException as error:
