@@ -117,7 +117,8 @@ def assert_same_answer(page_probs, python_probs, what):
 
 def odd_images(fashion_test_set):
     """Real test images in the forms people send, one for each path of the preprocessing:
-    other sizes, RGB, translucent RGBA, palette, 1-bit (fitted or framed), photo-like and
+    other sizes (two over the 512 pixels past which the decoder block-averages), RGB, translucent
+    RGBA, palette, 1-bit (fitted or framed), photo-like and
     drawing-like inputs that framing turns into the data set's form, and JPEGs (Chromium and
     Pillow both decode with libjpeg-turbo: the same pixels), one turned upright by its EXIF tag."""
     images = fashion_test_set.images[256:265].numpy()
@@ -137,6 +138,10 @@ def odd_images(fashion_test_set):
         "coloured translucent drawing 100x100": transparent_drawing(images[8], (200, 40, 90), size=100),
         "JPEG RGB 112x112": encode_image(Image.fromarray(rgb).resize((112, 112)), "JPEG", quality=90),
         "JPEG phone photo, EXIF orientation 6": phone_photo(photo_like(images[6])),
+        # over 512 pixels: block-averaged before framing, on the page as on the server
+        "photo-like PNG 1100x825": encode_image(Image.open(io.BytesIO(photo_like(images[0]))).resize(
+            (1100, 825), Image.Resampling.BICUBIC)),
+        "transparent drawing 600x600": transparent_drawing(images[7], (0, 0, 0), size=600),
     }
 
 

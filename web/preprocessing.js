@@ -2,14 +2,16 @@
 //
 // Python is the reference; this module mirrors it step by step so that the page and the server
 // give the same answer for the same bytes (tests/test_web.py checks it in Chromium):
-//   decode (EXIF orientation applied) -> luminance (transparency composited over black)
-//   -> framing as bundle.json's recipe says (framing.js), or else: pad to a square with black
+//   decode (EXIF orientation applied; limits on sides and pixels) -> luminance (transparency
+//   composited over black) -> block means down to WORK_SIDE for larger images -> framing as bundle.json's recipe says (framing.js), or else: pad to a square with black
 //   -> Lanczos resize to H x W (Pillow's algorithm) -> (x / 255 - mean) / std.
 // No DOM: decoding needs createImageBitmap and OffscreenCanvas only, so a worker can use it too.
 import { frame } from "./framing.js";
 
 export const MAX_BODY_BYTES = 1 << 20; // contract.preprocessing.MAX_BODY_BYTES
-export const MAX_IMAGE_PIXELS = 4096 * 4096; // contract.preprocessing.MAX_IMAGE_PIXELS
+export const MAX_SIDE = 8192; // contract.preprocessing.MAX_SIDE: width and height each
+export const MAX_PIXELS = 1 << 22; // contract.preprocessing.MAX_PIXELS (a baseline JPEG is scaled first)
+export const WORK_SIDE = 512; // contract.preprocessing.WORK_SIDE: larger images are block-averaged
 
 export class InvalidInput extends Error {
   constructor(message, status = 400) {
@@ -66,11 +68,21 @@ function readWith2D(bitmap) {
   return context.getImageData(0, 0, bitmap.width, bitmap.height).data;
 }
 
+/** A JPEG without a progressive start-of-frame marker (SOF2, SOF6, SOF10, SOF14). */
+function isBaselineJpeg(bytes) {
+  const b = new Uint8Array(bytes.buffer ?? bytes, bytes.byteOffset ?? 0, bytes.byteLength);
+  if (b[0] !== 0xff || b[1] !== 0xd8) return false;
+  for (let i = 2; i + 1 < b.length; i++) {
+    if (b[i] === 0xff && [0xc2, 0xc6, 0xca, 0xce].includes(b[i + 1])) return false;
+  }
+  return true;
+}
+
 /**
  * Image file bytes -> { width, height, data: RGBA as the file holds it, via: "webgl" | "2d" }.
  *
  * No colour management and no premultiplication on decode, so a PNG gives Pillow's bytes; the
- * EXIF orientation is applied, as contract/framing.upright does. `via` forces a path (tests).
+ * EXIF orientation is applied, as contract/preprocessing._upright does. `via` forces a path (tests).
  */
 export async function decodeRgba(bytes, via = "webgl") {
   if (bytes.byteLength === 0) throw new InvalidInput("empty file: send an image (PNG, JPEG, BMP, GIF, WebP)");
@@ -87,8 +99,13 @@ export async function decodeRgba(bytes, via = "webgl") {
   }
   const { width, height } = bitmap;
   try {
-    if (width * height > MAX_IMAGE_PIXELS) {
-      throw new InvalidInput(`image of ${width}x${height} pixels exceeds the limit of ${MAX_IMAGE_PIXELS} pixels; downscale it first`, 413);
+    if (Math.max(width, height) > MAX_SIDE) {
+      throw new InvalidInput(`image of ${width}x${height} pixels exceeds the limit of ${MAX_SIDE} per side; downscale it first`, 413);
+    }
+    // The server's decoder scales a baseline JPEG down while decoding, so only other images
+    // (progressive JPEGs included) meet the pixel limit at their full size.
+    if (width * height > MAX_PIXELS && !isBaselineJpeg(bytes)) {
+      throw new InvalidInput(`image of ${width}x${height} pixels exceeds the limit of ${MAX_PIXELS} pixels; downscale it first`, 413);
     }
     const exact = via === "webgl" ? readWithWebGL(bitmap) : null;
     return { width, height, data: exact ?? readWith2D(bitmap), via: exact ? "webgl" : "2d" };
@@ -205,6 +222,45 @@ export function normalize(gray, spec) {
   return out;
 }
 
+/** Means over factor x factor blocks; partial blocks at the edges average what they hold
+ * (contract.preprocessing._block_mean). */
+function blockMean(values, width, height, factor) {
+  const w = Math.ceil(width / factor), h = Math.ceil(height / factor);
+  const out = new Float64Array(w * h);
+  for (let by = 0; by < h; by++) {
+    for (let bx = 0; bx < w; bx++) {
+      let sum = 0, count = 0;
+      for (let y = by * factor; y < Math.min(height, (by + 1) * factor); y++) {
+        for (let x = bx * factor; x < Math.min(width, (bx + 1) * factor); x++) {
+          sum += values[y * width + x];
+          count++;
+        }
+      }
+      out[by * w + bx] = sum / count;
+    }
+  }
+  return { values: out, width: w, height: h };
+}
+
+/**
+ * Images over WORK_SIDE on their long side, reduced as the server's decoder reduces them
+ * (contract.preprocessing._to_gray_and_alpha): grey composited over black and alpha by block
+ * means, the luminance before compositing by its alpha-weighted block mean.
+ */
+function reduceLarge(gray, lumaAlpha, width, height) {
+  const factor = Math.ceil(Math.max(width, height) / WORK_SIDE);
+  if (factor <= 1) return { gray, lumaAlpha, width, height };
+  const reduced = blockMean(gray, width, height, factor);
+  let reducedLumaAlpha = null;
+  if (lumaAlpha) {
+    const { luma, alpha } = lumaAlpha;
+    const weighted = blockMean(luma.map((l, i) => l * alpha[i]), width, height, factor).values;
+    const meanAlpha = blockMean(alpha, width, height, factor).values;
+    reducedLumaAlpha = { luma: weighted.map((v, i) => (meanAlpha[i] > 0 ? v / Math.max(meanAlpha[i], 1e-6) : 0)), alpha: meanAlpha };
+  }
+  return { gray: Float32Array.from(reduced.values), lumaAlpha: reducedLumaAlpha, width: reduced.width, height: reduced.height };
+}
+
 /** Luminance before compositing and alpha 0..1, for framing; null without transparency. */
 function lumaAndAlpha({ width, height, data }) {
   const luma = new Float64Array(width * height), alpha = new Float64Array(width * height);
@@ -223,12 +279,12 @@ function lumaAndAlpha({ width, height, data }) {
  */
 export async function preprocess(bytes, spec, framing = "auto", via = "webgl") {
   const rgba = await decodeRgba(bytes, via);
-  const gray = toGray(rgba);
+  const { gray, lumaAlpha, width, height } = reduceLarge(toGray(rgba), lumaAndAlpha(rgba), rgba.width, rgba.height);
   let framed = null, report = { mode: framing, applied: false, reason: "bundle.json has no framing recipe" };
   if (spec.framing) {
-    const { luma, alpha } = lumaAndAlpha(rgba) ?? { luma: gray, alpha: null };
-    ({ framed, report } = frame(luma, alpha, rgba.width, rgba.height, spec.framing, framing));
+    const { luma, alpha } = lumaAlpha ?? { luma: gray, alpha: null };
+    ({ framed, report } = frame(luma, alpha, width, height, spec.framing, framing));
   }
-  const seen = framed ?? fit(gray, rgba.width, rgba.height, spec);
+  const seen = framed ?? fit(gray, width, height, spec);
   return { input: normalize(seen, spec), seen, framing: report, decodedWith: rgba.via };
 }
