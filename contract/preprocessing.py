@@ -107,6 +107,7 @@ class DecodedImage:
     format: str
     orientation: int = 1
     luma: np.ndarray | None = None
+    scale: int = 1  # pixels of the file per pixel here (the decoder's downscaling, the block means)
 
     def luminance_and_opacity(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(luminance 0..255 before compositing, opacity 0..1 or None), as framing wants them."""
@@ -145,6 +146,8 @@ def decode_image(data: bytes, spec: InputSpec, framing: str | None = None) -> np
 def _decode_framed(data: bytes, spec: InputSpec, framing: str | None) -> tuple[np.ndarray, dict]:
     image = decode(data)
     array, report = _frame(image.gray, image.luminance_and_opacity(), spec, framing)
+    if "box" in report and image.scale > 1:  # the object's box in the pixels of the file as sent
+        report["box"] = [v * image.scale for v in report["box"]]
     if image.orientation != 1:
         report["exif_orientation"] = image.orientation
     return array, report
@@ -177,13 +180,15 @@ def decode(data: bytes) -> DecodedImage:
             warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd files: the answer says it
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                declared_width = image.width
                 _check_declared_size(image, data)
                 image.load()
                 _check_size(image)  # a decoder may change its mind about the size
                 gray, alpha, luma = _to_gray_and_alpha(image)
                 orientation = _exif_orientation(image)
                 turn = lambda values: None if values is None else _upright(values, orientation)
-                return DecodedImage(turn(gray), turn(alpha), image.format, orientation, turn(luma))
+                scale = max(1, round(declared_width / image.width)) * _block_factor(image.size)
+                return DecodedImage(turn(gray), turn(alpha), image.format, orientation, turn(luma), scale)
     except InvalidInput:
         raise
     except Image.UnidentifiedImageError:
@@ -315,7 +320,7 @@ def _to_gray_and_alpha(image: Image.Image):
     is a strip's, whatever the image's shape.
     """
     width, height = image.size
-    factor = max(1, -(-max(width, height) // WORK_SIDE))
+    factor = _block_factor(image.size)
     rows_per_strip = factor * max(1, (1 << 18) // (factor * width))
     grays, alphas, lumas = [], [], []
     for top in range(0, height, rows_per_strip):
@@ -332,6 +337,11 @@ def _to_gray_and_alpha(image: Image.Image):
     if factor > 1:  # the alpha-weighted mean luminance of each block
         luma = np.where(alpha > 0, luma / np.maximum(alpha, np.float32(1e-6)), 0).astype(np.float32)
     return gray, alpha, luma
+
+
+def _block_factor(size: tuple[int, int]) -> int:
+    """Side of the blocks that bring the long side to WORK_SIDE or less (1: none)."""
+    return max(1, -(-max(size) // WORK_SIDE))
 
 
 def _strip_to_gray(strip: Image.Image):

@@ -136,10 +136,10 @@ def test_mnist_recipe_scales_into_20x20_and_centres_the_mass():
 
 
 def test_a_large_photo_is_reduced_first_and_framed_like_a_small_one():
-    big = np.full((3000, 4000), 225, np.uint8)
-    big[600:2400, 1600:2500] = 35  # 1800 x 900 object
+    big = np.full((1500, 2000), 225, np.uint8)
+    big[300:1200, 800:1248] = 35  # a 448 x 900 object, on the 4 x 4 blocks the decoder averages
     framed, what = preprocess_framed(encode_image(big, "PNG"), SPEC)
-    assert what["applied"] and what["box"] == [1600, 600, 900, 1800]  # k = 4: upright pixels
+    assert what["applied"] and what["box"] == [800, 300, 448, 900]  # in the pixels as sent
     small = np.asarray(Image.fromarray(big).reduce(4))
     np.testing.assert_allclose(framed, decode_image(encode_image(small, "PNG"), SPEC), atol=1e-5)
 

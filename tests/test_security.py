@@ -416,4 +416,4 @@ def test_archive_refuses_a_build_whose_hashes_do_not_match(tiny, tmp_path):
     with open(build / "model.pt", "ab") as f:
         f.write(b"\0")
     with pytest.raises(SystemExit, match=r"refusing to archive .*model\.pt has SHA-256"):
-        checked_build(build)
+        checked_build(build, "torchscript")

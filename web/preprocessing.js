@@ -249,7 +249,7 @@ function blockMean(values, width, height, factor) {
  */
 function reduceLarge(gray, lumaAlpha, width, height) {
   const factor = Math.ceil(Math.max(width, height) / WORK_SIDE);
-  if (factor <= 1) return { gray, lumaAlpha, width, height };
+  if (factor <= 1) return { gray, lumaAlpha, width, height, factor: 1 };
   const reduced = blockMean(gray, width, height, factor);
   let reducedLumaAlpha = null;
   if (lumaAlpha) {
@@ -258,7 +258,7 @@ function reduceLarge(gray, lumaAlpha, width, height) {
     const meanAlpha = blockMean(alpha, width, height, factor).values;
     reducedLumaAlpha = { luma: weighted.map((v, i) => (meanAlpha[i] > 0 ? v / Math.max(meanAlpha[i], 1e-6) : 0)), alpha: meanAlpha };
   }
-  return { gray: Float32Array.from(reduced.values), lumaAlpha: reducedLumaAlpha, width: reduced.width, height: reduced.height };
+  return { gray: Float32Array.from(reduced.values), lumaAlpha: reducedLumaAlpha, width: reduced.width, height: reduced.height, factor };
 }
 
 /** Luminance before compositing and alpha 0..1, for framing; null without transparency. */
@@ -279,11 +279,12 @@ function lumaAndAlpha({ width, height, data }) {
  */
 export async function preprocess(bytes, spec, framing = "auto", via = "webgl") {
   const rgba = await decodeRgba(bytes, via);
-  const { gray, lumaAlpha, width, height } = reduceLarge(toGray(rgba), lumaAndAlpha(rgba), rgba.width, rgba.height);
+  const { gray, lumaAlpha, width, height, factor } = reduceLarge(toGray(rgba), lumaAndAlpha(rgba), rgba.width, rgba.height);
   let framed = null, report = { mode: framing, applied: false, reason: "bundle.json has no framing recipe" };
   if (spec.framing) {
     const { luma, alpha } = lumaAlpha ?? { luma: gray, alpha: null };
     ({ framed, report } = frame(luma, alpha, width, height, spec.framing, framing));
+    if (report.box && factor > 1) report.box = report.box.map((v) => v * factor); // in the file's pixels
   }
   const seen = framed ?? fit(gray, width, height, spec);
   return { input: normalize(seen, spec), seen, framing: report, decodedWith: rgba.via };
