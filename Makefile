@@ -90,7 +90,7 @@ bench: install peers-venv  ## side-by-side benchmarks, peers included -> bench/r
 	$(PYTHON) -m bench
 
 demo: install  ## the whole path: data, train, export, archive, serve, predict, stop
-	$(MAKE) data train keys archive
+	$(MAKE) data train keys archive TRAIN_ARGS="$(TRAIN_ARGS) $(if $(wildcard checkpoints/last.pt),--resume)"
 	$(MAKE) serve
 	$(PYTHON) -m serve predict build/samples/*.png; status=$$?; $(MAKE) stop; exit $$status
 
