@@ -92,6 +92,9 @@ def write_atomically(path: Path | str, data: bytes | Callable[[BinaryIO], None])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; a file written the ordinary way gets 0666 less the umask,
+        # and other users (a serving image's non-root user) must read an archive or a model
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             data(f) if callable(data) else f.write(data)
             f.flush()
@@ -100,6 +103,12 @@ def write_atomically(path: Path | str, data: bytes | Callable[[BinaryIO], None])
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_bundle(bundle: dict, path: Path | str) -> Path:

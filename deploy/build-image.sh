@@ -32,6 +32,7 @@ cp "$root/metrics.yaml" "$root/deploy/entrypoint.sh" "$ctx/app/"
 cp "$root"/serve/{__init__,client,probe}.py "$ctx/app/serve/"
 cp "$root"/contract/*.py "$ctx/app/contract/"
 cp "$mar" "$ctx/app/model_store/mnist.mar"
+chmod 0644 "$ctx/app/model_store/mnist.mar"  # the image's non-root user reads it, whatever its mode here
 cp "$root/deploy/Dockerfile" "$root/deploy/requirements-image.txt" "$ctx/"
 # pip inside the build trusts what pip on this host trusts (a TLS-inspecting proxy's CA included).
 cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$files/ca.crt"
