@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import threading
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +42,28 @@ def encode_image(image, fmt: str = "PNG", mode: str | None = None, **kw) -> byte
 
 def png_bytes(array: np.ndarray) -> bytes:
     return encode_image(array, "PNG")
+
+
+class BackgroundClients:
+    """`clients` threads each running `self.run(index)` from the start of a with-block until its
+    end; subclasses send the requests and record the results."""
+
+    def __init__(self, clients: int):
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)]
+
+    def run(self, index: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
 
 
 def report(line: str) -> None:

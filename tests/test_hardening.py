@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 
@@ -16,7 +15,7 @@ import requests
 
 from serve.client import ServerError
 from serve.process import TorchServeProcess
-from tests.conftest import DATA_DIR, ROOT, report, run_module
+from tests.conftest import DATA_DIR, ROOT, BackgroundClients, report, run_module
 from train.checkpoint import load_checkpoint
 
 
@@ -90,16 +89,15 @@ def fault_server(artifacts, tmp_path_factory):
     process.stop()
 
 
-class SteadyLoad:
+class SteadyLoad(BackgroundClients):
     """`clients` threads sending the same image until stopped; records (time, ok) per request."""
 
     def __init__(self, server, body: bytes, clients: int):
-        self.server, self.body, self.clients = server, body, clients
+        self.server, self.body = server, body
         self.results: list[tuple[float, bool]] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
+        super().__init__(clients)
 
-    def run(self):
+    def run(self, index: int) -> None:
         session = requests.Session()
         while not self.stop.is_set():
             try:
@@ -107,16 +105,6 @@ class SteadyLoad:
             except requests.RequestException:
                 ok = False
             self.results.append((time.monotonic(), ok))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 def wait_for_new_worker(server, old_pid: int, timeout: float) -> int:

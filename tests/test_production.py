@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -27,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from contract import TOLERANCE
 from serve.client import read_properties
 from serve.process import TorchServeProcess, free_ports
-from tests.conftest import ROOT, encode_image, report, run_module
+from tests.conftest import ROOT, BackgroundClients, encode_image, report, run_module
 from tests.test_hardening import tampered_copy
 
 
@@ -268,14 +267,13 @@ def new_model(artifacts, tmp_path_factory):
     return base / "model_store"
 
 
-class Load:
+class Load(BackgroundClients):
     """`clients` threads sending 8 real images round and round through the gateway until stopped."""
 
     def __init__(self, gateway: Gateway, pngs: list[bytes], clients: int = 4):
         self.gateway, self.pngs = gateway, pngs
         self.results: list[tuple[int, int, list | str]] = []  # (image, status, probabilities or error)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)]
+        super().__init__(clients)
 
     def run(self, offset: int) -> None:
         sent = offset
@@ -288,16 +286,6 @@ class Load:
             except (requests.RequestException, ValueError) as error:
                 self.results.append((image, 0, repr(error)))
             sent += 1
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
 
 
 def answers(replica: TorchServeProcess, pngs: list[bytes]) -> np.ndarray:
