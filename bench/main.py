@@ -32,12 +32,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from bench.load import CORES, wrk, write_script
+
+if TYPE_CHECKING:
+    from train.data import DatasetInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -55,9 +60,42 @@ def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 # 1. training ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class TrainingData:
+    """Fashion-MNIST as both loops see it: decoded once, normalized with the training images'
+    mean and std."""
+    info: DatasetInfo
+    mean: float
+    std: float
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_training_data() -> TrainingData:
+    from train.data import ensure_dataset, load_split, normalize, pixel_statistics
+
+    info = ensure_dataset("fashion-mnist", DATA_DIR, allow_download=False)
+    train_split, test_split = load_split(info, DATA_DIR, True), load_split(info, DATA_DIR, False)
+    mean, std = pixel_statistics(train_split.images)
+    return TrainingData(info, mean, std, normalize(train_split.images, mean, std), train_split.labels,
+                        normalize(test_split.images, mean, std), test_split.labels)
+
+
+def fast_path_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The seed's model and SGD, set up as `python -m train` sets them up on the CPU."""
+    from train.model import build_model
+
+    torch.manual_seed(1)
+    model = build_model().to(memory_format=torch.channels_last)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5, foreach=True)
+
+
 def bench_training_loops(threads: int, runs: int) -> dict:
     """`runs` times one epoch of each loop; the speedup of every run, and its spread."""
-    every = [one_training_run(threads) for _ in range(runs)]
+    data = load_training_data()
+    every = [one_training_run(data, threads) for _ in range(runs)]
     speedups = [r["speedup"] for r in every]
     results = {"runs": every, "speedups": speedups, "speedup": statistics.median(speedups),
                "speedup_min": min(speedups), "speedup_max": max(speedups),
@@ -69,41 +107,38 @@ def bench_training_loops(threads: int, runs: int) -> dict:
                    r["fast_path_one_thread"]["images_per_second"] for r in every)},
                "speedup_ceiling": statistics.median(r["speedup_ceiling"] for r in every),
                "threads": threads, "batch": 64, "device": "cpu"}
-    results["step_breakdown"] = step_breakdown(1)
+    torch.set_num_threads(1)
+    results["step_breakdown"] = step_breakdown(data)
+    torch.set_num_threads(threads)
     log(f"training over {runs} runs: fast path / seed loop {results['speedup']:.2f}x median, "
         f"{results['speedup_min']:.2f}x to {results['speedup_max']:.2f}x")
     return results
 
 
-def one_training_run(threads: int) -> dict:
+def one_training_run(data: TrainingData, threads: int) -> dict:
     """One epoch of each loop, same initial weights; img/s as the median of 100-step chunks."""
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
     from torchvision import transforms
 
-    from train.data import ensure_dataset, load_split, normalize, pixel_statistics
     from train.loop import test
     from train.model import build_model
 
     torch.set_num_threads(threads)
-    info = ensure_dataset("fashion-mnist", DATA_DIR, allow_download=False)
-    train_split, test_split = load_split(info, DATA_DIR, True), load_split(info, DATA_DIR, False)
-    mean, std = pixel_statistics(train_split.images)
-    x_test, y_test = normalize(test_split.images, mean, std), test_split.labels
     results = {}
 
     # the seed's loop, as in pytorch/examples mnist/main.py
     torch.manual_seed(1)
     model = build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
-    dataset = info.torchvision_class(str(DATA_DIR), train=True, transform=transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((mean,), (std,))]))
+    dataset = data.info.torchvision_class(str(DATA_DIR), train=True, transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((data.mean,), (data.std,))]))
     loader = DataLoader(dataset, batch_size=64, shuffle=True)
     chunk_rates, started, chunk_start, images = [], time.perf_counter(), time.perf_counter(), 0
     model.train()
-    for step, (data, target) in enumerate(loader, 1):
+    for step, (images_batch, target) in enumerate(loader, 1):
         optimizer.zero_grad()
-        F.nll_loss(model(data), target).backward()
+        F.nll_loss(model(images_batch), target).backward()
         optimizer.step()
         images += len(target)
         if step % 100 == 0:
@@ -112,14 +147,13 @@ def one_training_run(threads: int) -> dict:
             chunk_start = now
     seconds = time.perf_counter() - started
     results["seed_loop"] = {"images_per_second": statistics.median(chunk_rates), "epoch_seconds": seconds,
-                            "test_accuracy_after_1_epoch": test(model, x_test, y_test, 1000)[1]}
+                            "test_accuracy_after_1_epoch": test(model, data.x_test, data.y_test, 1000)[1]}
 
-    # the tensor fast path, set up as `python -m train` sets it up on the CPU; then again on one
-    # thread, whose rate times the threads is what perfect scaling over the cores would give
-    x_train, y_train = normalize(train_split.images, mean, std), train_split.labels
-    results["fast_path"] = time_fast_path(x_train, y_train, x_test, y_test)
+    # the tensor fast path; then again on one thread, whose rate times the threads is what
+    # perfect scaling over the cores would give
+    results["fast_path"] = time_fast_path(data)
     torch.set_num_threads(1)
-    one_thread = time_fast_path(x_train, y_train, x_test, y_test, steps=300)
+    one_thread = time_fast_path(data, steps=300)
     torch.set_num_threads(threads)
     results["fast_path_one_thread"] = {"images_per_second": one_thread["images_per_second"]}
     results["speedup"] = results["fast_path"]["images_per_second"] / results["seed_loop"]["images_per_second"]
@@ -130,9 +164,9 @@ def one_training_run(threads: int) -> dict:
     return results
 
 
-def step_breakdown(threads: int, steps: int = 300) -> dict:
+def step_breakdown(data: TrainingData, steps: int = 300) -> dict:
     """Where a fast-path step's time goes, layer by layer: the median microseconds of each part
-    over `steps` steps (batch 64, channels-last, the seed's SGD), on `threads` threads.
+    over `steps` steps (batch 64, channels-last, the seed's SGD), on the threads set now.
 
     Timed with the wall clock between the forward calls and with gradient hooks in the backward
     pass, not with torch.profiler: under the profiler, max-pooling's backward looked like 0.4 ms
@@ -140,18 +174,10 @@ def step_breakdown(threads: int, steps: int = 300) -> dict:
     """
     import torch.nn.functional as F
 
-    from train.data import ensure_dataset, load_split, normalize, pixel_statistics
     from train.loop import epoch_order
-    from train.model import build_model
 
-    torch.set_num_threads(threads)
-    info = ensure_dataset("fashion-mnist", DATA_DIR, allow_download=False)
-    split = load_split(info, DATA_DIR, True)
-    x_train = normalize(split.images, *pixel_statistics(split.images))
-    torch.manual_seed(1)
-    model = build_model().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5, foreach=True)
-    order = epoch_order(len(split.labels), 1, 1)
+    model, optimizer = fast_path_model()
+    order = epoch_order(len(data.y_train), 1, 1)
     seen, parts = {}, {}
 
     def reached(name):
@@ -161,8 +187,10 @@ def step_breakdown(threads: int, steps: int = 300) -> dict:
 
     for step in range(steps + 30):  # the first 30 warm up
         batch = order[step * 64:(step + 1) * 64]
+        x = data.x_train[batch]
+        # train/model.py's forward, written out to be timed layer by layer
         t0 = time.perf_counter()
-        conv1 = model.conv1(x_train[batch])
+        conv1 = model.conv1(x)
         t1 = time.perf_counter()
         pool1 = F.max_pool2d(conv1, 2)
         t2 = time.perf_counter()
@@ -170,8 +198,12 @@ def step_breakdown(threads: int, steps: int = 300) -> dict:
         conv2 = model.conv2(relu1)
         t3 = time.perf_counter()
         hidden = F.relu(model.fc1(torch.flatten(F.relu(F.max_pool2d(conv2, 2)), 1)))
-        loss = F.nll_loss(F.log_softmax(model.fc2(hidden), dim=1), split.labels[batch])
+        log_probs = F.log_softmax(model.fc2(hidden), dim=1)
+        loss = F.nll_loss(log_probs, data.y_train[batch])
         t4 = time.perf_counter()
+        if step == 0:  # the written-out forward must stay the model's
+            with torch.no_grad():
+                torch.testing.assert_close(log_probs, model(x))
         for name, tensor in (("conv1", conv1), ("pool1", pool1), ("relu1", relu1), ("conv2", conv2)):
             tensor.register_hook(reached(name))
         optimizer.zero_grad(set_to_none=True)
@@ -193,21 +225,19 @@ def step_breakdown(threads: int, steps: int = 300) -> dict:
             parts.setdefault(part, []).append(seconds * 1e6)
     medians = {part: statistics.median(values) for part, values in parts.items()}
     convolution = sum(v for k, v in medians.items() if k.startswith(("conv1", "conv2")))
+    threads = torch.get_num_threads()
     log(f"training step breakdown ({threads} thread(s)): {medians['step']:.0f} us per step, convolutions "
         f"{100 * convolution / medians['step']:.0f}%")
     return {"threads": threads, "steps": steps, "microseconds": medians}
 
 
-def time_fast_path(x_train, y_train, x_test, y_test, steps: int | None = None) -> dict:
+def time_fast_path(data: TrainingData, steps: int | None = None) -> dict:
     """One epoch (or its first `steps` batches) of train/loop.py's train_epoch on the seed's
     recipe; img/s as the median of 100-step chunks."""
     from train.loop import epoch_order, test, train_epoch
-    from train.model import build_model
 
-    torch.manual_seed(1)
-    model = build_model().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5, foreach=True)
-    order = epoch_order(len(y_train), 1, 1)[:None if steps is None else steps * 64]
+    model, optimizer = fast_path_model()
+    order = epoch_order(len(data.y_train), 1, 1)[:None if steps is None else steps * 64]
     chunk_rates = []
 
     class Chunks:  # stands in for the progress bar: times every 100 steps
@@ -222,10 +252,10 @@ def time_fast_path(x_train, y_train, x_test, y_test, steps: int | None = None) -
                 self.start = now
 
     started = time.perf_counter()
-    train_epoch(model, optimizer, x_train, y_train, 64, order, Chunks())
+    train_epoch(model, optimizer, data.x_train, data.y_train, 64, order, Chunks())
     seconds = time.perf_counter() - started
     return {"images_per_second": statistics.median(chunk_rates), "epoch_seconds": seconds,
-            "test_accuracy_after_1_epoch": test(model, x_test, y_test, 1000)[1]}
+            "test_accuracy_after_1_epoch": test(model, data.x_test, data.y_test, 1000)[1]}
 
 
 def bench_recipes(work: Path, threads: int, recipes: list[str], targets: list[float]) -> dict:
