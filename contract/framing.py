@@ -71,7 +71,7 @@ _COMMON = {"canvas": 28, "min_contrast": 24.0, "object_threshold": 0.1, "polarit
 RECIPES = {
     "mnist": {"name": "mnist", "box": 20, "center": "mass", "sharpen": 0.0, **_COMMON},
     # sharpen 1.5: the best of 0.5, 0.75, 1 and 1.5 on 400 paper/canvas/phone inputs of each form,
-    # for two models (README, "Framing real-world inputs")
+    # for two models (docs/framing.md)
     "fashion-mnist": {"name": "fashion-mnist", "box": 28, "center": "box", "sharpen": 1.5, **_COMMON},
 }
 

@@ -48,9 +48,9 @@ from contract import responses
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 28x28 digit is < 1 kB; config.properties matches it
 MAX_SIDE = 8192  # width and height each, checked before decoding: an 80-byte PNG can claim 60000x1
-# Decoded pixels: Pillow holds up to 4 bytes per pixel and libwebp two more canvases, so the
-# worst file at 4 megapixels, an RGBA WebP, raised the peak RSS by 61 MiB (decoded in a fresh
-# process on the 2-core CPU host; a progressive JPEG 36 MiB, an RGBA PNG 23 MiB).
+# Decoded pixels: Pillow holds up to 4 bytes per pixel and libwebp two more canvases, so a
+# request's memory follows its pixels; the worst file at this limit is an RGBA WebP, then a
+# progressive JPEG (figures in docs/serving.md).
 MAX_PIXELS = 1 << 22
 MAX_JPEG_SCANS = 64  # each progressive scan passes over the whole image; real files have ~10
 WORK_SIDE = 512  # decoded images are block-averaged to at most this long side before fitting

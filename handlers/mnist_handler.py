@@ -173,9 +173,8 @@ class MnistHandler(BaseHandler):
             super().initialize(context)  # device from TorchServe's gpu_id; torch.jit.load; eval()
             self.initialize_explanations(int(settings.get("explain_steps", 64)))
             if self.device.type == "cpu" and settings.get("optimize_for_inference", True):
-                # Frozen, with oneDNN's fused convolutions: 2x faster per image at batch 8 (measured
-                # on the 2-core CPU host, README "Performance"); within 1e-6 of the plain model
-                # (the parity tests hold it to 1e-5).
+                # Frozen, with oneDNN's fused convolutions: faster per image on the CPU than the
+                # plain model (docs/performance.md), the same answers (the parity tests hold it to 1e-5).
                 self.model = torch.jit.optimize_for_inference(torch.jit.freeze(self.model))
         else:  # compiled or ONNX: a forward pass only, no gradients to explain with
             self.explained_model = None

@@ -46,7 +46,7 @@ class Server:
     metrics_url: str
     workdir: Path  # the directory it was started from: key_file.json and logs/ are there
     # False where TorchServe runs with disable_token_authorization=true: the replicas of
-    # deploy/, which only an authenticating gateway can reach (README, "Production").
+    # deploy/, which only an authenticating gateway can reach.
     tokens: bool = True
     inference_key_file: Path | None = None  # the inference key alone, for clients without key_file.json
 

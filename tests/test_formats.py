@@ -24,7 +24,7 @@ CPU_ONLY = {"number_of_gpu": "0"}
 
 
 def build_format_archives(artifacts, base: Path, device: str, inductor_cache: Path) -> SimpleNamespace:
-    """The `artifacts` checkpoint exported with --format pt2 (compiled for `device`: about 30 s of
+    """The `artifacts` checkpoint exported with --format pt2 (compiled for `device`: a slow C++
     compilation, once per session), and one archive per served format, each verified."""
     build = base / "build"
     run_module("export", "build", "--format", "pt2", "--device", device,

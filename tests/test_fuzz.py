@@ -3,9 +3,8 @@ or InvalidInput (400/413), and none may cost more than the bound the server prom
 
 Hypothesis mutates real PNG, JPEG, GIF, TIFF, WebP, BMP and JSON bodies (bit flips, overwritten
 header fields, huge numbers, insertions, deletions, truncation, duplicated runs) and generates
-arbitrary JSON values. Derandomized, so that `make test` sees the same examples on every run;
-32 to 39 s in all on the 2-core CPU host (shared with other jobs; the first run also fills
-hypothesis' cache in .hypothesis/).
+arbitrary JSON values. Derandomized, so that `make test` sees the same examples on every run
+(the first run also fills hypothesis' cache in .hypothesis/).
 """
 from __future__ import annotations
 

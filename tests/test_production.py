@@ -206,8 +206,8 @@ class Gateway:
                 self.process.wait()
 
     def predict(self, body: bytes, token: str | None = None, timeout: float = 30) -> requests.Response:
-        # A new connection per request, as from many independent clients (see the README on
-        # keep-alive connections during a reload).
+        # A new connection per request, as from many independent clients (a kept-alive one can
+        # be closed under its client by the gateway's reload, and would then need a retry).
         headers = {"Content-Type": "image/png", "Connection": "close"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"

@@ -32,7 +32,7 @@ from tests.conftest import ROOT, encode_image, report, run_module
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--headless"]
-# The README's picture of the page is rewritten only when asked (`UPDATE_SCREENSHOT=1 make test`), so
+# The docs' picture of the page is rewritten only when asked (`UPDATE_SCREENSHOT=1 make test`), so
 # that a test run leaves the checkout as it found it.
 README_SCREENSHOT = ROOT / "docs" / "web-page.png"
 PREDICTION = '[data-testid="prediction"][data-label]'

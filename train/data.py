@@ -2,7 +2,7 @@
 
 Layout under the data root is torchvision's: data/MNIST/raw, data/FashionMNIST/raw. torchvision's
 own dataset classes read the files; the training loop then works on whole tensors (no per-item
-PIL transform), which is what makes it fast on two cores.
+PIL transform), which is what makes it fast on a few CPU cores.
 """
 from __future__ import annotations
 

@@ -96,9 +96,9 @@ def build_run(settings: dict, epochs: int, checkpoint_dir: Path, device: torch.d
     torch.manual_seed(settings["seed"])  # the same initial weights on every rank
     model = build_model(ARCHITECTURE).to(device)
     if device.type == "cpu":
-        # oneDNN's convolutions and max-pooling are vectorized for channels-last tensors: a
-        # training step was 1.6x faster on the 2-core CPU host (README "Performance"; the
-        # profile: max_pool2d was 28% of a step). The weights are the same numbers either way.
+        # oneDNN's convolutions and max-pooling are vectorized for channels-last tensors; in the
+        # default layout max_pool2d alone was a large share of a step's profile. The weights
+        # are the same numbers either way.
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
                                 nesterov=settings["nesterov"], weight_decay=settings["weight_decay"],

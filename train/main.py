@@ -36,9 +36,9 @@ LEGACY_SETTINGS = {"shift": 0}
 RECIPES = {
     "seed": {"epochs": 10, "batch_size": 64, "lr": 0.01, "momentum": 0.5, "nesterov": False,
              "weight_decay": 0.0, "schedule": "constant", "flip": False, "shift": 0},
-    # batch 64 at a peak of 0.05, shifts of up to 1 pixel, 30 epochs: best.pt (chosen on the
-    # validation split) 91.30%, 91.37% and 91.11% test accuracy with seeds 1, 2 and 3 on the CPU
-    # host, where 20 epochs ended at 90.84% (README "Training")
+    # batch 64 at a peak of 0.05, shifts of up to 1 pixel, 30 epochs: the shortest of the runs
+    # tried whose best.pt (chosen on the validation split) cleared 91% test accuracy with every
+    # seed; 20 epochs fell short (docs/training.md)
     "fast": {"epochs": 30, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "nesterov": True,
              "weight_decay": 5e-4, "schedule": "onecycle", "flip": True, "shift": 1},
 }
