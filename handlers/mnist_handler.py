@@ -38,6 +38,7 @@ import torch
 from captum.attr import IntegratedGradients
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
 
 from contract import responses
 from contract.bundle import BUNDLE_FILE, BundleError, load_bundle, served_format, verify_file
@@ -48,6 +49,12 @@ logger = logging.getLogger(__name__)
 # TorchServe's frontend sends every request with the header explain: "True" for
 # /explanations/{model} and "False" for /predictions/{model}; one batch can hold both kinds.
 EXPLAIN_HEADER = "explain"
+# A gRPC request reaches the handler without any header (only its input map), so the absent
+# explain header is what tells it apart. TorchServe's StreamPredictions completes a call only on a
+# response whose headers say ts_stream_next "false" (without one its frontend throws and the
+# worker is restarted); Predictions ignores the header. REST responses must not carry it: on REST
+# it switches the frontend to a chunked answer.
+STREAM_NEXT_HEADER = "ts_stream_next"
 
 
 def configure_tf32(allow: bool) -> None:
@@ -213,12 +220,34 @@ class MnistHandler(BaseHandler):
                 logger.warning("handler metrics not recorded (%s): start TorchServe with "
                                "metrics_config=metrics.yaml from the repository", error)
                 self.metrics_warned = True
+        failure = self.shared_grpc_failure()
+        if failure is not None:
+            raise PredictionException(str(failure), failure.status)
         return answers
+
+    def shared_grpc_failure(self) -> InvalidInput | None:
+        """The error to fail the whole batch with, when every request in it came over gRPC and
+        failed alike; None otherwise.
+
+        TorchServe's gRPC frontend answers each response of a batch with gRPC OK whatever status
+        the handler set for it; only a failed batch reaches the client as a gRPC status (400 ->
+        INVALID_ARGUMENT, 413 -> RESOURCE_EXHAUSTED, 500 -> INTERNAL). Failing a batch fails every
+        request in it, so it is done only where that is each request's own answer; a gRPC
+        request batched with others keeps its error JSON inside an OK reply (docs/grpc.md).
+        """
+        failures = self.failures
+        if not failures or not all(self.via_grpc) or any(f is None for f in failures):
+            return None
+        first = failures[0]
+        same = all(f.status == first.status and str(f) == str(first) for f in failures)
+        return first if same else None
 
     def preprocess(self, data):
         arrays, errors, framings = [], [], []
+        self.via_grpc = []
         for idx, row in enumerate(data):
             headers, part_types = request_headers(self.context, idx)
+            self.via_grpc.append(EXPLAIN_HEADER not in headers)
             started = time.perf_counter()
             try:
                 body = request_body(row, headers.get("content-type", ""), part_types)
@@ -250,22 +279,27 @@ class MnistHandler(BaseHandler):
     def postprocess(self, result) -> list[str]:
         probabilities, errors, framings = result
         answers, statuses, valid = [], [], 0
+        self.failures = []  # per request: the error it is answered with, or None
         batch_size = str(len(errors))
         for idx, error in enumerate(errors):
             self.context.set_response_content_type(idx, "application/json")
             # how many requests shared this model call: lets clients see dynamic batching work
             self.context.set_response_header(idx, "X-Batch-Size", batch_size)
+            if self.via_grpc[idx]:
+                self.context.set_response_header(idx, STREAM_NEXT_HEADER, "false")  # the last message
             if error is None:
                 row, valid = probabilities[valid], valid + 1
                 if np.isfinite(row).all():
                     answers.append(responses.dumps(responses.prediction(row, self.classes, framings[idx])))
                     statuses.append(200)
+                    self.failures.append(None)
                     continue
                 logger.error("the model answered NaN or infinity for a valid input")
                 error = InvalidInput("the model could not classify this image (a server fault)", 500)
             self.context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
             answers.append(responses.dumps(error.to_response()))
             statuses.append(error.status)
+            self.failures.append(error)
         self.statuses = Counter(statuses)  # answered by status, for record_metrics
         return answers
 
@@ -319,6 +353,7 @@ class MnistHandler(BaseHandler):
         for idx in wanted:
             self.context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
             answers[idx] = responses.dumps(error.to_response())
+            self.failures[idx] = error
         self.statuses[200] -= len(wanted)
         self.statuses[error.status] += len(wanted)
         return answers

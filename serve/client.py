@@ -38,6 +38,12 @@ def read_properties(path: Path | str) -> dict[str, str]:
     return properties
 
 
+def grpc_target(props: dict[str, str], api: str, default_port: int) -> str:
+    """host:port of TorchServe's gRPC `api` ('inference' or 'management') as its config sets it."""
+    host = props.get(f"grpc_{api}_address", "127.0.0.1")
+    return f"{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{props.get(f'grpc_{api}_port', default_port)}"
+
+
 @dataclass
 class Server:
     """Where a TorchServe instance listens and where its key file lies."""
@@ -49,6 +55,8 @@ class Server:
     # deploy/, which only an authenticating gateway can reach.
     tokens: bool = True
     inference_key_file: Path | None = None  # the inference key alone, for clients without key_file.json
+    grpc_inference_target: str = "127.0.0.1:7070"  # host:port of TorchServe's gRPC APIs
+    grpc_management_target: str = "127.0.0.1:7071"
 
     @classmethod
     def from_config(cls, config: Path | str, workdir: Path | str | None = None) -> "Server":
@@ -58,7 +66,9 @@ class Server:
                    props.get("management_address", "http://127.0.0.1:8081"),
                    props.get("metrics_address", "http://127.0.0.1:8082"),
                    Path(workdir) if workdir else config.resolve().parent,
-                   props.get("disable_token_authorization", "false").lower() != "true")
+                   props.get("disable_token_authorization", "false").lower() != "true",
+                   grpc_inference_target=grpc_target(props, "inference", 7070),
+                   grpc_management_target=grpc_target(props, "management", 7071))
 
     @property
     def key_file(self) -> Path:

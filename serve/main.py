@@ -4,6 +4,8 @@
                                       torchserve --start --ncs with config.properties, the model
                                       store's absolute path pinned; wait for a READY worker
     python -m serve predict IMAGE...  POST each image with the inference key; prints the answer
+    python -m serve predict --grpc IMAGE...  the same over TorchServe's gRPC API (port 7070)
+    python -m serve grpc-stubs DIR    write Python stubs of TorchServe's own protos into DIR
     python -m serve token             print the inference key alone (for a client that should
                                       not see key_file.json's management and API keys)
     python -m serve status            the model's workers
@@ -80,7 +82,34 @@ def start(args, server: Server) -> None:
           "  or: make predict IMG=image.png        stop it with: make stop")
 
 
+def predict_grpc(args, server: Server) -> int:
+    """predict over TorchServe's gRPC API: the same bodies, answers and errors as REST."""
+    import grpc
+
+    from serve.grpc_client import GrpcClient
+
+    failures = 0
+    with GrpcClient(server) as client:
+        for path in args.images:
+            try:
+                body = json.loads(client.predict(Path(path).read_bytes()))
+            except grpc.RpcError as error:
+                print(f"{path}: gRPC {error.code().name} {error.details().splitlines()[0]}")
+                failures += 1
+                continue
+            if "error" in body:  # batched with other requests: the error rides in an OK reply
+                print(f"{path}: {json.dumps(body)}")
+                failures += 1
+            elif args.json:
+                print(json.dumps(body))
+            else:
+                print(f"{path}: {body['class']} (label {body['label']}, p={body['probabilities'][body['label']]:.4f})")
+    return 1 if failures else 0
+
+
 def predict(args, server: Server) -> int:
+    if args.grpc:
+        return predict_grpc(args, server)
     failures = 0
     for path in args.images:
         response = server.predict(Path(path).read_bytes(), content_type_of(path))
@@ -122,11 +151,12 @@ def stop(workdir: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("start", "stop", "status", "predict", "token"))
-    p.add_argument("images", nargs="*", help="image files for predict")
+    p.add_argument("command", choices=("start", "stop", "status", "predict", "token", "grpc-stubs"))
+    p.add_argument("images", nargs="*", help="predict: image files; grpc-stubs: the folder to write into")
     p.add_argument("--config", type=Path, default=ROOT / "config.properties")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY")
     p.add_argument("--json", action="store_true", help="print the full JSON answers")
+    p.add_argument("--grpc", action="store_true", help="predict over TorchServe's gRPC API instead of REST")
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store",
                    help="start: the folder holding mnist.mar")
     p.add_argument("--workdir", type=Path, default=ROOT,
@@ -147,6 +177,11 @@ def main(argv=None) -> None:
             stop(args.workdir)
         elif args.command == "token":
             print(server.key("inference"))
+        elif args.command == "grpc-stubs":
+            from serve.grpc_client import write_stubs
+            if len(args.images) != 1:
+                raise SystemExit("usage: python -m serve grpc-stubs DIR (writes inference_pb2*.py and management_pb2*.py)")
+            print(f"[serve] wrote the gRPC stubs of TorchServe's protos into {write_stubs(Path(args.images[0]))}")
         elif args.command == "status":
             print(json.dumps(server.describe(), indent=2))
         else:
