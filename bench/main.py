@@ -307,15 +307,14 @@ def bench_framing(build: Path, count: int = 1000) -> dict:
 # 2. inference --------------------------------------------------------------------------------
 
 def bench_inference(build: Path, checkpoint: Path) -> dict:
-    from contract.onnx_session import input_name, open_session
+    import formats
     from export.edge_artifacts import median_us_per_image
     from train.checkpoint import load_model
 
     torch.set_num_threads(1)
     eager = load_model(checkpoint)
-    scripted = torch.jit.load(str(build / "model.pt"))
-    session = open_session(str(build / "model.onnx"), "cpu", threads=1)
-    name = input_name(session)
+    scripted = formats.load("torchscript", build / "model.pt").run  # not frozen: as exported
+    onnx = formats.load("onnx", build / "model.onnx", threads=1).run_numpy
     results = {}
     for batch, repeats in ((1, 3000), (64, 300)):
         x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), dtype=np.float32)
@@ -324,7 +323,7 @@ def bench_inference(build: Path, checkpoint: Path) -> dict:
             results[f"batch{batch}"] = {
                 "eager": median_us_per_image(eager, t, repeats),
                 "torchscript": median_us_per_image(scripted, t, repeats),
-                "onnxruntime": median_us_per_image(lambda a: session.run(None, {name: a}), x, repeats),
+                "onnxruntime": median_us_per_image(onnx, x, repeats),
             }
     results.update(threads=1, device="cpu", unit="us per image, median")
     b1 = results["batch1"]
@@ -447,24 +446,17 @@ def bench_serving(build: Path, work: Path, seconds: int, concurrencies: list[int
 # 5. formats ----------------------------------------------------------------------------------
 
 def format_callables(build: Path, bundle: dict) -> dict:
-    """Each format's model as the handler runs it on the CPU: float32 batch -> log-probs."""
-    import warnings
-
-    from contract.onnx_session import input_name, open_session
-    from export.formats import load_pt2
+    """Each format's model as the handler loads it on the CPU (TorchScript frozen and fused):
+    TorchScript takes a tensor, the others a numpy batch; all answer log-probs."""
+    import formats
 
     models = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-        scripted = torch.jit.load(str(build / "model.pt")).eval()
-        # frozen and oneDNN-fused, as handlers/mnist_handler.py serves it on the CPU
-        models["torchscript"] = torch.jit.optimize_for_inference(torch.jit.freeze(scripted))
-    if "pt2" in bundle["formats"]:
-        pt2 = load_pt2(str(build / "model.pt2"), torch.device("cpu"))
-        models["pt2"] = lambda x: pt2(torch.from_numpy(x))
-    session = open_session(str(build / "model.onnx"), "cpu", threads=1)
-    name = input_name(session)
-    models["onnx"] = lambda x: session.run(None, {name: x})
+    for fmt, record in bundle["formats"].items():
+        model = formats.load(fmt, build / record["file"], record, "cpu", threads=1, optimize=True)
+        if fmt == "torchscript":
+            models[fmt] = model.run
+        else:
+            models[fmt] = model.run_numpy or (lambda x, run=model.run: run(torch.from_numpy(x)))
     return models
 
 

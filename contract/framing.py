@@ -133,7 +133,7 @@ def frame(gray: np.ndarray, alpha: np.ndarray | None, recipe: dict, mode: str = 
         return None, report
     r0, r1, c0, c1 = bounding_box(ink, float(recipe["object_threshold"]) * 255.0)
     placed = place(scale_to_box(ink[r0:r1 + 1, c0:c1 + 1], int(recipe["box"])), recipe)
-    framed = sharpen(placed, float(recipe.get("sharpen", 0.0)))  # absent in early bundles: 0
+    framed = sharpen(placed, float(recipe["sharpen"]))
     report.update({"applied": True, "recipe": recipe["name"], "inverted": light,
                    "box": [int(c0) * k, int(r0) * k, int(c1 - c0 + 1) * k, int(r1 - r0 + 1) * k]})
     return framed, report
@@ -142,7 +142,7 @@ def frame(gray: np.ndarray, alpha: np.ndarray | None, recipe: dict, mode: str = 
 def reduce_large(x: np.ndarray, recipe: dict) -> tuple[np.ndarray, int]:
     """k x k block means for images beyond max_side (step 0): a 16-megapixel photo costs about
     what a 1-megapixel one does."""
-    max_side = int(recipe.get("max_side", 0))  # absent in early bundles: no reduction
+    max_side = int(recipe["max_side"])
     if not max_side or max(x.shape) <= max_side:
         return x, 1
     k = math.ceil(max(x.shape) / max_side)

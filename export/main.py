@@ -34,7 +34,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -46,20 +45,17 @@ from contract import MODEL_NAME, TOLERANCE
 from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bundle, sha256_file,
                              verify_recorded_files, write_atomically, write_bundle)
 from contract.framing import recipe_for
-from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, decode_image
-from export import formats, signing
+from export import convert, signing
+from export.convert import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, ExportMismatch
 from export.verify import unpack, verify_archive
+import formats
 from train.checkpoint import CheckpointError, load_checkpoint, load_model, reconcile_best
 from train.data import DataUnavailable, ensure_dataset, load_split
 
-ONNX_OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "input", "log_probs"  # recorded in bundle.json; runtimes ask the model
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class ExportMismatch(RuntimeError):
-    """An exported model does not reproduce the eager model's outputs."""
+# What the handler imports besides TorchServe, torch and their dependencies: packed into the .mar.
+HANDLER_PACKAGES = ("contract", "formats")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -83,49 +79,11 @@ def write_samples(pngs: list[bytes], labels: list[int], classes: list[str], dire
         write_atomically(directory / f"test{index:04d}-{slug}.png", png)
 
 
-def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> float:
-    """max |dp| between two log-probability arrays; raises ExportMismatch beyond TOLERANCE."""
-    p_ref, p_new = np.exp(reference.astype(np.float64)), np.exp(candidate.astype(np.float64))
-    max_diff = float(np.abs(p_ref - p_new).max())
-    argmax_differs = int((p_ref.argmax(1) != p_new.argmax(1)).sum())
-    print(f"[export] {name}: max |dp| {max_diff:.3g} over {len(reference)} images, "
-          f"argmax differs on {argmax_differs}")
-    if max_diff > TOLERANCE or argmax_differs:
-        raise ExportMismatch(f"{name} does not match the eager model: max |dp| {max_diff:.3g} "
-                             f"(limit {TOLERANCE}), argmax differs on {argmax_differs} images")
-    return max_diff
-
-
-def export_torchscript(model, x: torch.Tensor, path: Path) -> np.ndarray:
-    with warnings.catch_warnings():
-        # TorchScript is deprecated in torch 2.14 but is what TorchServe loads natively.
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(model), str(path))
-        loaded = torch.jit.load(str(path), map_location="cpu")
-    with torch.inference_mode():
-        return loaded(x).numpy()
-
-
-def export_onnx(model, x: torch.Tensor, path: Path) -> np.ndarray:
-    import onnx
-
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    torch.onnx.export(model, (x[:2],), str(path), dynamo=True, external_data=False,
-                      opset_version=ONNX_OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      dynamic_shapes={"x": {0: batch}}, verbose=False)
-    if path.with_name(path.name + ".data").exists():
-        raise RuntimeError(f"torch.onnx.export wrote {path.name}.data beside the model")
-    onnx.checker.check_model(str(path), full_check=True)
-    return run_log_probs(open_session(str(path), "cpu"), x.numpy())
-
-
 def checkpoint_figures(state: dict) -> dict:
     """The checkpoint's accuracies, each named by the split it was measured on."""
-    metrics, splits = state["metrics"], state["data"].get("splits")
-    if "validation_accuracy" not in metrics:  # trained before the validation split
-        return {"chosen_on": "test accuracy", "test_accuracy": metrics["test_accuracy"]}
+    metrics = state["metrics"]
     return {"chosen_on": "validation accuracy", "validation_accuracy": metrics["validation_accuracy"],
-            "test_accuracy": metrics["test_accuracy"], "splits": splits}
+            "test_accuracy": metrics["test_accuracy"], "splits": state["data"]["splits"]}
 
 
 def remove_stale_temporaries(directory: Path) -> None:
@@ -176,10 +134,10 @@ def build(args) -> None:
     # TorchScript and ONNX always (the tests and the edge use them); pt2 when asked: it compiles.
     built = ["torchscript", "onnx"] + (["pt2"] if args.format == "pt2" else [])
     if "pt2" in built:
-        formats.check_batch_size_fits(args.model_config)
+        convert.check_batch_size_fits(args.model_config)
     remove_stale_temporaries(out)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
-        records = {fmt: formats.build_format(fmt, model, x, reference, Path(tmp), args.device)
+        records = {fmt: convert.build_format(fmt, model, x, reference, Path(tmp), args.device)
                    for fmt in built}
         for record in records.values():
             with open(Path(tmp) / record["file"], "rb") as f:
@@ -195,7 +153,7 @@ def build(args) -> None:
     bundle.update({
         "checkpoint": {"path": str(args.checkpoint), "sha256": sha256_file(args.checkpoint),
                        "epoch": state["epoch"], **checkpoint_figures(state),
-                       "trained_on": state.get("trained_on", "cpu")},
+                       "trained_on": state["trained_on"]},
         "files": {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in records.values()},
         # What each format's file is and how close it came to the eager model; `make archive
         # FORMAT=...` packs one of them and the handler loads it as its format needs.
@@ -247,7 +205,7 @@ def checked_build(build_dir: Path, fmt: str) -> dict:
     except BundleError as error:
         raise SystemExit(f"[export] refusing to archive {build_dir}: {error}. An export was "
                          "interrupted or a file was changed by hand: run `make export` again") from None
-    record = bundle.get("formats", {}).get(fmt)
+    record = bundle["formats"].get(fmt)
     if record is None or record["file"] not in bundle["files"]:
         raise SystemExit(f"[export] {build_dir} holds no {fmt} model: run `make export FORMAT={fmt}` "
                          f"(python -m export build --format {fmt}) first")
@@ -282,11 +240,11 @@ def archive(args) -> Path:
     args.model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=build_dir) as tmp:
         # torch-model-archiver copies the *contents* of an extra-files directory into the
-        # archive's root, so this stage holds the contract package beside bundle.json: the
-        # handler's `import contract` resolves inside the unpacked archive.
+        # archive's root, so this stage holds the packages the handler imports (the contract,
+        # the formats' runtime half) beside bundle.json: they resolve inside the unpacked archive.
         stage = Path(tmp) / "extra"
-        shutil.copytree(ROOT / "contract", stage / "contract",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        for package in HANDLER_PACKAGES:
+            shutil.copytree(ROOT / package, stage / package, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(build_dir / BUNDLE_FILE, stage / BUNDLE_FILE)
         served = record["file"]
         shutil.copy2(build_dir / served, Path(tmp) / served)
@@ -311,34 +269,70 @@ def archive(args) -> Path:
     return target
 
 
+COMMANDS = ("build", "archive", "quantize", "ort", "verify", "keys")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """One subcommand, with only its own options; no subcommand means build (`python -m export`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "build")
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=("build", "archive", "quantize", "ort", "verify", "keys"),
-                   default="build")
-    p.add_argument("archive", nargs="?", type=Path, default=Path("model_store/mnist.mar"),
-                   help="the .mar to verify")
-    p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/best.pt"))
-    p.add_argument("--build-dir", type=Path, default=Path("build"))
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
-    p.add_argument("--check-images", type=int, default=256,
-                   help="real test images each export is checked on")
-    p.add_argument("--model-store", type=Path, default=Path("model_store"))
-    p.add_argument("--version", default="1.0", help="model version recorded in the .mar")
-    p.add_argument("--model-config", type=Path, default=ROOT / "handlers" / "model-config.yaml",
-                   help="TorchServe model-config.yaml (workers, batching, handler settings) to pack")
-    p.add_argument("--public-key", type=Path, default=None,
-                   help="verify: the signer's public key (default: $MNIST_SIGNING_PUBLIC_KEY, else "
-                        "~/.config/mnist-bundle/signing-key.pub)")
-    p.add_argument("--allow-unsigned", action="store_true",
-                   help="verify: accept an archive although no public key is configured (says so loudly)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--format", choices=tuple(formats.FILES), default=formats.DEFAULT_FORMAT,
-                   help="build: also build this format (pt2 compiles, about 30 s); archive: serve it")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="pt2 only: the device to compile for, where it will be served "
-                        "(default: cuda when PyTorch sees a GPU, else cpu)")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str, *options: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for option in options:
+            OPTIONS[option](sub)
+        return sub
+
+    command("build", "checkpoint -> build/model.pt, model.onnx (FORMAT=pt2: model.pt2), bundle.json",
+            "checkpoint", "build-dir", "data-dir", "check-images", "format", "device", "model-config",
+            "threads")
+    command("archive", "build/ -> model_store/mnist.mar serving one format, signed when a key exists",
+            "build-dir", "model-store", "version", "format", "model-config")
+    command("quantize", "build/model.onnx -> build/model.int8.onnx (static QDQ int8)",
+            "build-dir", "data-dir", "threads")
+    command("ort", "build/model.onnx -> build/model.ort (minimal/mobile onnxruntime)", "build-dir")
+    verify = command("verify", "check an archive as TorchServe unpacks it, then its self-test",
+                     "public-key", "allow-unsigned", "threads")
+    verify.add_argument("archive", nargs="?", type=Path, default=Path("model_store/mnist.mar"),
+                        help="the .mar to verify (default: model_store/mnist.mar)")
+    command("keys", "make a signing key pair outside the repository")
     return p.parse_args(argv)
+
+
+# Every option once, with its default and help; each subcommand takes the ones it uses.
+OPTIONS = {
+    "checkpoint": lambda p: p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/best.pt")),
+    "build-dir": lambda p: p.add_argument("--build-dir", type=Path, default=Path("build")),
+    "data-dir": lambda p: p.add_argument("--data-dir", type=Path, default=Path("data")),
+    "check-images": lambda p: p.add_argument("--check-images", type=int, default=256,
+                                             help="real test images each export is checked on"),
+    "model-store": lambda p: p.add_argument("--model-store", type=Path, default=Path("model_store")),
+    "version": lambda p: p.add_argument("--version", default="1.0", help="model version recorded in the .mar"),
+    "model-config": lambda p: p.add_argument(
+        "--model-config", type=Path, default=ROOT / "handlers" / "model-config.yaml",
+        help="TorchServe model-config.yaml (workers, batching, handler settings) to pack"),
+    "public-key": lambda p: p.add_argument(
+        "--public-key", type=Path, default=None,
+        help="the signer's public key (default: $MNIST_SIGNING_PUBLIC_KEY, else "
+             "~/.config/mnist-bundle/signing-key.pub)"),
+    "allow-unsigned": lambda p: p.add_argument(
+        "--allow-unsigned", action="store_true",
+        help="accept an archive although no public key is configured (says so loudly)"),
+    "threads": lambda p: p.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads"),
+    "format": lambda p: p.add_argument(
+        "--format", choices=tuple(formats.FORMATS), default=formats.DEFAULT_FORMAT,
+        help="also build this format (pt2 compiles, about 30 s)" if p.prog.endswith("build")
+        else "the format the archive serves"),
+    "device": lambda p: p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="pt2 only: the device to compile for, where it will be served "
+             "(default: cuda when PyTorch sees a GPU, else cpu)"),
+}
 
 
 def make_keys() -> None:
@@ -355,7 +349,8 @@ def make_keys() -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if "threads" in args:
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "verify":
             verify_archive(args.archive, args.public_key, args.allow_unsigned)

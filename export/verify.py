@@ -216,7 +216,7 @@ def check_contract(tree: Path, names: list[str]) -> tuple[dict, str]:
         serialized, handler = manifest["model"]["serializedFile"], manifest["model"]["handler"]
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise BundleError(f"missing or malformed MAR-INF/MANIFEST.json ({error})") from None
-    for required in (serialized, handler, BUNDLE_FILE, "contract/preprocessing.py"):
+    for required in (serialized, handler, BUNDLE_FILE, "contract/preprocessing.py", "formats/__init__.py"):
         if required not in names:
             raise BundleError(f"the archive lacks {required}")
     bundle = load_bundle(tree / BUNDLE_FILE)
@@ -231,8 +231,8 @@ def check_contract(tree: Path, names: list[str]) -> tuple[dict, str]:
 
 def self_test(bundle: dict, model_path: Path) -> tuple[int, float]:
     """The model's answer to bundle.json's recorded test image: (label, max |dp|), run as its
-    format needs (export/formats.py). Only called once the signature and the hashes hold."""
-    from export import formats  # imports torch: not before it is needed
+    format needs (formats/). Only called once the signature and the hashes hold."""
+    import formats  # imports torch: not before it is needed
 
     test = bundle["self_test"]
     x = decode_image(base64.b64decode(test["image_png_base64"]), InputSpec.from_bundle(bundle))
@@ -260,7 +260,7 @@ def verify_archive(mar: Path, public_key: Path | None = None, allow_unsigned: bo
             bundle, serialized = check_contract(tree, names)
         except BundleError as error:
             raise BundleError(f"{mar}: {error}") from None
-        if run_self_test and "self_test" in bundle:
+        if run_self_test:
             label, max_diff = self_test(bundle, tree / serialized)
             if label != bundle["self_test"]["label"] or max_diff > TOLERANCE:
                 raise BundleError(f"{mar}: the model answers label {label} (max |dp| {max_diff:.3g}) "

@@ -10,9 +10,9 @@ raises, so a request that cannot be decoded is answered with its own 4xx status 
 while the rest of the batch is served.
 
 The archive's model file is in one of three formats (bundle.json's "formats" says which):
-TorchScript (model.pt, loaded by BaseHandler), pt2 (model.pt2, compiled ahead of time by
-AOTInductor, loaded with aoti_load_package) or ONNX (model.onnx, run by onnxruntime). The format
-only decides how initialize() loads the model; inference() calls the one callable it made.
+TorchScript (model.pt), pt2 (model.pt2, compiled ahead of time by AOTInductor) or ONNX
+(model.onnx, run by onnxruntime). The format registry (formats/, packed into the archive) loads
+it; inference() calls the one callable it made, whatever the format.
 
 Per-model settings come from model-config.yaml (packed into the .mar by `make archive`):
     handler:
@@ -43,6 +43,7 @@ from ts.utils.util import PredictionException
 from contract import responses
 from contract.bundle import BUNDLE_FILE, BundleError, load_bundle, served_format, verify_file
 from contract.preprocessing import InputSpec, InvalidInput, preprocess, preprocess_framed
+import formats
 
 logger = logging.getLogger(__name__)
 
@@ -57,50 +58,11 @@ EXPLAIN_HEADER = "explain"
 STREAM_NEXT_HEADER = "ts_stream_next"
 
 
-def configure_tf32(allow: bool) -> None:
-    """TF32 on or off for both cuDNN convolutions and matmuls.
-
-    PyTorch enables TF32 for cuDNN convolutions by default, and importing TorchServe's
-    BaseHandler raises the matmul precision to "high" (TF32) on Ampere and newer: both would
-    break the 1e-5 agreement with onnxruntime and the eager reference.
-    """
-    torch.backends.cudnn.allow_tf32 = allow
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    torch.set_float32_matmul_precision("high" if allow else "highest")
-
-
 def worker_device(properties: dict) -> torch.device:
     """The device TorchServe gives this worker, chosen as BaseHandler chooses it."""
     if torch.cuda.is_available() and properties.get("gpu_id") is not None:
         return torch.device(f"cuda:{properties['gpu_id']}")
     return torch.device("cpu")
-
-
-def load_compiled_model(path: Path, record: dict, device: torch.device):
-    """The pt2 model as a callable on `device`; refuses a package compiled for another device."""
-    compiled_for = torch.device(record["device"])
-    if compiled_for.type != device.type:
-        raise BundleError(f"{path.name} was compiled for {compiled_for.type} but this worker runs on "
-                          f"{device}: rebuild the archive on the serving host with `make archive FORMAT=pt2`")
-    # Loads the shared library AOTInductor built at export: nothing is compiled here.
-    runner = torch._inductor.aoti_load_package(str(path), device_index=device.index if device.type == "cuda" else -1)
-    max_batch = int(record["max_batch"])
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        # Compiled for batches up to max_batch; TorchServe's batchSize stays below it.
-        return torch.cat([runner(images[i:i + max_batch]) for i in range(0, len(images), max_batch)])
-
-    return run
-
-
-def load_onnx_model(path: Path, device: torch.device, threads: int, allow_tf32: bool):
-    """The ONNX model as a callable: an onnxruntime session on the worker's device that fails
-    loudly when the CUDA provider did not load (contract.onnx_session)."""
-    from contract.onnx_session import open_session, run_log_probs
-
-    session = open_session(str(path), str(device), threads=threads, allow_tf32=allow_tf32)
-    # onnxruntime takes host arrays and copies to the GPU itself.
-    return lambda images: torch.from_numpy(run_log_probs(session, images.cpu().numpy()))
 
 
 FILE_FIELDS = ("file", "image", "data")  # preferred multipart fields, in order
@@ -174,23 +136,20 @@ class MnistHandler(BaseHandler):
         settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         threads, allow_tf32 = int(settings.get("torch_threads", 1)), bool(settings.get("allow_tf32", False))
         torch.set_num_threads(threads)
-        configure_tf32(allow_tf32)
+        formats.configure_tf32(allow_tf32)
         model_device = worker_device(properties)
-        if self.format == "torchscript":
-            super().initialize(context)  # device from TorchServe's gpu_id; torch.jit.load; eval()
-            self.initialize_explanations(int(settings.get("explain_steps", 64)))
-            if self.device.type == "cpu" and settings.get("optimize_for_inference", True):
-                # Frozen, with oneDNN's fused convolutions: faster per image on the CPU than the
-                # plain model (docs/performance.md), the same answers (the parity tests hold it to 1e-5).
-                self.model = torch.jit.optimize_for_inference(torch.jit.freeze(self.model))
-        else:  # compiled or ONNX: a forward pass only, no gradients to explain with
-            self.explained_model = None
-        if self.format == "pt2":
-            self.device = model_device
-            self.model = load_compiled_model(model_dir / serialized_file, record, self.device)
-        elif self.format == "onnx":
-            self.device = torch.device("cpu")  # where preprocess leaves the batch for onnxruntime
-            self.model = load_onnx_model(model_dir / serialized_file, model_device, threads, allow_tf32)
+        self.manifest = context.manifest
+        try:
+            self.model = formats.load(self.format, model_dir / serialized_file, record, model_device,
+                                      threads=threads, allow_tf32=allow_tf32,
+                                      optimize=bool(settings.get("optimize_for_inference", True)))
+        except BundleError as error:
+            logger.error("refusing to serve %s: %s", serialized_file, error)
+            raise
+        self.device = self.model.input_device  # where preprocess leaves the batch
+        self.explained_model = None  # compiled or ONNX: a forward pass only, no gradients
+        if formats.get(self.format).explainable:
+            self.initialize_explanations(self.model.module, int(settings.get("explain_steps", 64)))
         self.initialized = True
         self.spec = InputSpec.from_bundle(self.bundle)
         self.classes = self.bundle["classes"]
@@ -305,10 +264,10 @@ class MnistHandler(BaseHandler):
 
     # Explanations ---------------------------------------------------------------------------
 
-    def initialize_explanations(self, steps: int) -> None:
-        # The plain TorchScript model, kept before the CPU path freezes it: the frozen,
-        # oneDNN-fused copy has no autograd ("element 0 of tensors does not require grad").
-        self.explained_model = self.model
+    def initialize_explanations(self, module, steps: int) -> None:
+        # The plain TorchScript model, not the copy the CPU path froze: the frozen, oneDNN-fused
+        # copy has no autograd ("element 0 of tensors does not require grad").
+        self.explained_model = module
         for parameter in self.explained_model.parameters():
             parameter.requires_grad_(False)  # gradients with respect to the input only
         self.explain_steps = steps

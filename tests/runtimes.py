@@ -8,8 +8,8 @@ from itertools import combinations
 import numpy as np
 import torch
 
+import formats
 from contract import TOLERANCE
-from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, decode_image
 from train.checkpoint import load_model
 
@@ -25,24 +25,23 @@ def eager(checkpoint, x: np.ndarray, device: str = "cpu") -> np.ndarray:
         return model(torch.from_numpy(x).to(device)).exp().double().cpu().numpy()
 
 
+def probabilities(log_probs: np.ndarray) -> np.ndarray:
+    return np.exp(log_probs.astype(np.float64))
+
+
 def torchscript(path, x: np.ndarray, device: str = "cpu") -> np.ndarray:
-    model = torch.jit.load(str(path), map_location=device)
-    with torch.inference_mode():
-        return model(torch.from_numpy(x).to(device)).exp().double().cpu().numpy()
+    """The plain TorchScript model (not frozen), as the export check runs it."""
+    return probabilities(formats.load("torchscript", path, device=device).log_probs(x))
 
 
-def pt2(path, x: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """The AOTInductor package, loaded as the handler loads it (compiled for `device`)."""
-    from export.formats import load_pt2
-    model = load_pt2(str(path), torch.device(device))
-    with torch.inference_mode():
-        return model(torch.from_numpy(x).to(device)).exp().double().cpu().numpy()
+def pt2(path, record: dict, x: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """The AOTInductor package (bundle.json's `record` of it), loaded as the handler loads it."""
+    return probabilities(formats.load("pt2", path, record, device).log_probs(x))
 
 
 def onnxruntime(path, x: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, list[str]]:
-    session = open_session(str(path), device)
-    log_probs = run_log_probs(session, x)
-    return np.exp(log_probs.astype(np.float64)), session.get_providers()
+    model = formats.load("onnx", path, device=device)
+    return probabilities(model.log_probs(x)), model.session.get_providers()
 
 
 def served(server, pngs: list[bytes], concurrency: int = 1) -> tuple[np.ndarray, list[int]]:

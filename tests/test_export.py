@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from contract.onnx_session import open_session, run_log_probs
-from export.main import ExportMismatch, compare
+from export.convert import ExportMismatch, compare
 from contract.bundle import BundleError, sha256_file, verify_file
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from contract.bundle import load_bundle, sha256_file
-from export.formats import PT2_MAX_BATCH
+from formats import PT2_MAX_BATCH
 from serve.process import TorchServeProcess
 from tests import runtimes
 from tests.conftest import DATA_DIR, ROOT, report, run_module
@@ -102,7 +101,8 @@ def test_served_format_agrees_with_eager_and_onnxruntime(artifacts, format_archi
     results = {"eager": runtimes.eager(artifacts.checkpoint_dir / "best.pt", x), "onnxruntime": onnx,
                f"torchserve {format_server.format}": served}
     if format_server.format == "pt2":
-        results["pt2 in-process"] = runtimes.pt2(format_archives.build_dir / "model.pt2", x)
+        results["pt2 in-process"] = runtimes.pt2(format_archives.build_dir / "model.pt2",
+                                                 format_archives.bundle["formats"]["pt2"], x)
     log = (format_server.process.workdir / "logs" / "model_log.log").read_text()
     assert f"({format_server.format}) on cpu" in log  # the handler's line: which format it loaded
     for pair, value in runtimes.agreement(results).items():
@@ -141,15 +141,15 @@ def test_pt2_worker_needs_no_compiler(artifacts, format_archives, test_pngs, tmp
 
 
 def test_pt2_compiled_for_another_device_is_refused():
-    from handlers.mnist_handler import load_compiled_model
+    import formats
     from contract.bundle import BundleError
 
     with pytest.raises(BundleError, match="compiled for cuda but this worker runs on cpu.*make archive FORMAT=pt2"):
-        load_compiled_model(Path("model.pt2"), {"device": "cuda:0", "max_batch": PT2_MAX_BATCH}, torch.device("cpu"))
+        formats.load("pt2", Path("model.pt2"), {"device": "cuda:0", "max_batch": PT2_MAX_BATCH}, "cpu")
 
 
 def test_pt2_export_refuses_a_batch_size_it_was_not_compiled_for(tmp_path):
-    from export.formats import check_batch_size_fits
+    from export.convert import check_batch_size_fits
 
     config = tmp_path / "model-config.yaml"
     config.write_text(f"batchSize: {PT2_MAX_BATCH}\n")

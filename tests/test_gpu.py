@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from contract.onnx_session import open_session, run_log_probs
+import formats
 from tests import runtimes
 from tests.conftest import png_bytes, report
 
@@ -38,10 +38,8 @@ def gpu_pngs(fashion_test_set):
 @pytest.fixture(autouse=True)
 def tf32_off():
     """TF32 off in this process (PyTorch's cuDNN default is on); restored afterwards."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with formats.tf32(False):
+        yield
 
 
 def test_gpu_runtimes_agree(artifacts, server, gpu_pngs):
@@ -81,12 +79,12 @@ def test_tf32_effect_is_reported(artifacts, gpu_pngs):
         model = model.float().cuda()
         figures = {}
         for tf32 in (False, True):
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
-            out = model(x.cuda()).double().cpu().numpy()
+            with formats.tf32(tf32):
+                out = model(x.cuda()).double().cpu().numpy()
             figures[f"PyTorch CUDA, TF32 {'on' if tf32 else 'off'}"] = np.abs(out - reference).max()
     for tf32 in (False, True):
-        session = open_session(str(artifacts.build_dir / "model.onnx"), "cuda:0", allow_tf32=tf32)
-        out = run_log_probs(session, x.numpy()).astype(np.float64)
+        onnx = formats.load("onnx", artifacts.build_dir / "model.onnx", device="cuda:0", allow_tf32=tf32)
+        out = onnx.log_probs(x.numpy()).astype(np.float64)
         figures[f"onnxruntime CUDA, use_tf32={int(tf32)}"] = np.abs(out - reference).max()
     for name, value in figures.items():
         report(f"TF32 effect ({torch.cuda.get_device_name(0)}), max |d log p| vs float64 CPU: {name}: {value:.3g}")
@@ -140,7 +138,8 @@ def test_gpu_served_formats_agree(artifacts, gpu_format_archives, gpu_format_ser
     served, _ = runtimes.served(server, gpu_pngs)
     results = {"eager cuda": eager, "onnxruntime cuda": onnx, f"torchserve gpu {fmt}": served}
     if fmt == "pt2":
-        results["pt2 cuda in-process"] = runtimes.pt2(gpu_format_archives.build_dir / "model.pt2", x, "cuda:0")
+        results["pt2 cuda in-process"] = runtimes.pt2(gpu_format_archives.build_dir / "model.pt2",
+                                                      gpu_format_archives.bundle["formats"]["pt2"], x, "cuda:0")
     device = torch.cuda.get_device_name(0)
     for pair, value in runtimes.agreement(results).items():
         report(f"GPU parity ({device}), {fmt} archive, {len(gpu_pngs)} images, sequential: {pair}: max |dp| = {value:.3g}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import DATA_DIR, run_module
-from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from train.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from train.data import IDX_FILES, DataUnavailable, ensure_dataset, hold_out, load_split
 from train.distributed import Group
 from train.loop import build_run, load_data
@@ -77,8 +77,10 @@ def test_best_pt_is_chosen_on_validation_not_on_test(tmp_path):
     info = ensure_dataset("fashion-mnist", DATA_DIR, allow_download=False)
     data = load_data(info, DATA_DIR, torch.device("cpu"), 1000, seed=1, train_limit=3000, test_limit=1000)
     data.y_test = (data.y_test + 1) % 10
-    settings = {"seed": 1, "lr": 0.01, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0,
-                "schedule": "constant", "batch_size": 64, "flip": False}
+    from train.main import parse_args
+    from train.settings import TrainingSettings
+    # the seed recipe: lr 0.01, momentum 0.5, batch 64, no flips or shifts, seed 1
+    settings = TrainingSettings.from_args(parse_args(["--checkpoint-dir", str(tmp_path)])).to_dict()
     run = build_run(settings, 4, tmp_path, torch.device("cpu"), Group(), data)
     train_loop(run, 4)
     history = run.history
@@ -112,16 +114,17 @@ def test_resume_without_checkpoint_says_so(tmp_path):
     assert result.returncode != 0 and "no checkpoint at" in result.stderr
 
 
-def test_a_run_from_before_the_validation_split_is_not_resumed(tmp_path):
-    settings = {"dataset": "fashion-mnist", "seed": 1, "lr": 0.01}  # no validation_size
+def test_a_checkpoint_of_an_older_format_is_not_resumed(tmp_path):
+    settings = {"dataset": "fashion-mnist", "seed": 1, "lr": 0.01}  # from before the validation split
     save_checkpoint({"format_version": 1, "epoch": 1, "settings": settings}, tmp_path / "last.pt")
     result = run_module("train", "--resume", "--checkpoint-dir", str(tmp_path), check=False)
-    assert result.returncode != 0 and "before the validation split" in result.stderr
+    assert result.returncode != 0 and "older `python -m train` (checkpoint format 1" in result.stderr
+    assert "make train" in result.stderr and "--start-over" in result.stderr
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint({"format_version": 1, "epoch": 1}, path)
+    save_checkpoint({"format_version": FORMAT_VERSION, "epoch": 1}, path)
 
     def crash(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
@@ -129,7 +132,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"format_version": 1, "epoch": 2}, path)
+        save_checkpoint({"format_version": FORMAT_VERSION, "epoch": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
@@ -258,7 +261,7 @@ def resume_decision(checkpoint_dir, *flags, monkeypatch=None):
 
 
 def a_checkpoint(path, epoch=1, run_id="run-a", launch_id="", best_epoch=1):
-    save_checkpoint({"format_version": 1, "epoch": epoch, "run_id": run_id, "launch_id": launch_id,
+    save_checkpoint({"format_version": FORMAT_VERSION, "epoch": epoch, "run_id": run_id, "launch_id": launch_id,
                      "best_epoch": best_epoch, "settings": {"epochs": 3}, "model_state": {}}, path)
 
 

@@ -13,7 +13,11 @@ import torch
 
 from contract.bundle import write_atomically
 
-FORMAT_VERSION = 1
+# 2: settings as train/settings.py's TrainingSettings, the validation split and its figures,
+# best_epoch, run_id, launch_id and trained_on always present.
+FORMAT_VERSION = 2
+RETRAIN = ("train a new run with `make train` (python -m train --start-over, or another "
+           "--checkpoint-dir), then `make export`")
 
 
 class CheckpointError(RuntimeError):
@@ -47,9 +51,13 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({first_line})") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by an older `python -m train` (checkpoint format "
+                              f"{version}, this code reads {FORMAT_VERSION}): {RETRAIN}")
+    if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a checkpoint of this project (format {FORMAT_VERSION}): "
-                              "it was not written by `python -m train`")
+                              "it was not written by `python -m train` (or by a newer one)")
     return state
 
 
@@ -73,12 +81,12 @@ def reconcile_best(directory: Path | str, last: dict | None = None) -> bool:
     """
     directory = Path(directory)
     last = last if last is not None else load_checkpoint(directory / "last.pt")
-    if last.get("best_epoch") != last["epoch"]:
+    if last["best_epoch"] != last["epoch"]:
         return False
     best_path = directory / "best.pt"
     try:
         best = load_checkpoint(best_path)
-        if (best.get("run_id"), best["epoch"]) == (last.get("run_id"), last["epoch"]):
+        if (best["run_id"], best["epoch"]) == (last["run_id"], last["epoch"]):
             return False
     except CheckpointError:
         pass  # missing or unreadable: last.pt replaces it all the same

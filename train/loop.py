@@ -28,6 +28,7 @@ from tqdm import tqdm
 from train import distributed
 from contract.bundle import write_atomically
 from train.checkpoint import FORMAT_VERSION, CheckpointError, save_checkpoint
+from train.settings import TrainingSettings
 from train.data import DatasetInfo, hold_out, load_split, normalize, pixel_statistics
 from train.model import ARCHITECTURE, INPUT_SHAPE, build_model
 
@@ -118,8 +119,8 @@ def build_run(settings: dict, epochs: int, checkpoint_dir: Path, device: torch.d
         run.history = resumed["history"]
         run.first_epoch = resumed["epoch"] + 1
         run.best_validation_accuracy = resumed["best_validation_accuracy"]
-        run.best_epoch = resumed.get("best_epoch", 0)
-        run.run_id = resumed.get("run_id", "")
+        run.best_epoch = resumed["best_epoch"]
+        run.run_id = resumed["run_id"]
     if not run.run_id:
         import uuid
         run.run_id = uuid.uuid4().hex[:12]
@@ -216,7 +217,7 @@ def train(run: Run, last_epoch: int, test_batch_size: int = 1000) -> None:
         order = epoch_order(len(data.y_train), settings["seed"], epoch)
         flips = epoch_flips(len(data.y_train), settings["seed"], epoch).to(run.device) if settings["flip"] else None
         shifts = (epoch_shifts(len(data.y_train), settings["seed"], epoch, settings["shift"]).to(run.device)
-                  if settings.get("shift") else None)
+                  if settings["shift"] else None)
         with tqdm(total=len(order), desc=f"epoch {epoch}/{run.epochs}", unit="img",
                   disable=None if run.group.is_main else True, leave=False, file=sys.stderr) as progress:
             train_loss = train_epoch(trained, run.optimizer, data.x_train, data.y_train,
@@ -277,7 +278,7 @@ def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
         "scheduler_state": run.scheduler.state_dict() if run.scheduler is not None else {},
         "epoch": epoch,
         "rng_state": rng_state(),
-        "settings": run.settings,
+        "settings": TrainingSettings.from_dict(run.settings).to_dict(),  # checked: resumable
         "metrics": run.history[-1],
         "history": run.history,
         "best_validation_accuracy": run.best_validation_accuracy,

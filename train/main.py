@@ -19,16 +19,15 @@ from pathlib import Path
 import torch
 
 from train import distributed
-from train.checkpoint import (CHECKPOINT_FILES, CheckpointError, load_checkpoint, reconcile_best,
-                              remove_stale_temporaries)
+from train.checkpoint import (CHECKPOINT_FILES, RETRAIN, CheckpointError, load_checkpoint,
+                              reconcile_best, remove_stale_temporaries)
 from train.data import CHOICES, DataUnavailable, ensure_dataset
 from train.loop import best_epoch, build_run, load_data, train
+from train.settings import SettingsError, TrainingSettings
 
 # Settings that define the run; on --resume they come from the checkpoint, not the command line.
 RECIPE_KEYS = ("dataset", "recipe", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
                "schedule", "flip", "shift", "seed", "validation_size", "train_limit", "test_limit")
-# What a checkpoint written before a setting existed trained with.
-LEGACY_SETTINGS = {"shift": 0}
 
 # --recipe picks the defaults; any flag given explicitly still wins. "seed" is the tutorial's
 # recipe; "fast" is the same network trained harder: Nesterov momentum, weight decay, a one-cycle
@@ -121,19 +120,18 @@ def resume_settings(args, settings: dict, group: distributed.Group) -> dict | No
     resumed = distributed.from_main(group, lambda: checkpoint_to_resume(args, group))
     if resumed is None:
         return None
-    if "validation_size" not in resumed["settings"]:
-        raise SystemExit(f"--resume: {args.checkpoint_dir / 'last.pt'} was trained before the validation "
-                         "split existed (its best.pt was chosen on the test set); start a new run in "
-                         "another --checkpoint-dir, or pass --start-over")
+    try:
+        recorded = TrainingSettings.from_dict(resumed["settings"], f"{args.checkpoint_dir / 'last.pt'}")
+    except SettingsError as error:
+        raise SystemExit(f"--resume: {error}; {RETRAIN}") from None
     for key in RECIPE_KEYS:
-        resumed["settings"].setdefault(key, LEGACY_SETTINGS.get(key))
-        if settings[key] != resumed["settings"][key] and not (key == "dataset" and settings[key] == "auto"):
-            print(f"[train] --resume keeps the run's {key}={resumed['settings'][key]!r} "
-                  f"(ignoring {settings[key]!r})")
-        settings[key] = resumed["settings"][key]
-    if settings["schedule"] == "onecycle" and args.epochs != resumed["settings"]["epochs"]:
+        kept = getattr(recorded, key)
+        if settings[key] != kept and not (key == "dataset" and settings[key] == "auto"):
+            print(f"[train] --resume keeps the run's {key}={kept!r} (ignoring {settings[key]!r})")
+        settings[key] = kept
+    if settings["schedule"] == "onecycle" and args.epochs != recorded.epochs:
         raise SystemExit(f"--resume: the one-cycle schedule was planned for --epochs "
-                         f"{resumed['settings']['epochs']}; resume with that number")
+                         f"{recorded.epochs}; resume with that number")
     return resumed
 
 
@@ -166,10 +164,10 @@ def checkpoint_to_resume(args, group: distributed.Group) -> dict | None:
         resumed = load_checkpoint(ckpt)
     except CheckpointError as error:
         raise SystemExit(f"--resume: {error}. {way_out}")
-    if restart and resumed.get("launch_id") != os.environ.get("TORCHELASTIC_RUN_ID"):
+    if restart and resumed["launch_id"] != os.environ.get("TORCHELASTIC_RUN_ID"):
         raise SystemExit(f"[train] torchrun restarted this launch ({os.environ.get('TORCHELASTIC_RUN_ID')}), "
-                         f"but {ckpt} was written by another one ({resumed.get('launch_id') or 'not torchrun'}, "
-                         f"run {resumed.get('run_id', '?')}): not resuming it. {way_out}")
+                         f"but {ckpt} was written by another one ({resumed['launch_id'] or 'not torchrun'}, "
+                         f"run {resumed['run_id']}): not resuming it. {way_out}")
     reconcile_best(folder, resumed)
     return resumed
 
@@ -184,7 +182,7 @@ def describe(path) -> str:
 
 def run(args, group: distributed.Group, device: torch.device) -> None:
     ckpt_dir = args.checkpoint_dir
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = TrainingSettings.from_args(args).to_dict()
     resumed = resume_settings(args, settings, group)
     try:
         if not group.is_main:

@@ -56,7 +56,7 @@ function removeBackground(L) {
 
 /** k x k block means for images beyond max_side (step 0); the remainder rows and columns drop. */
 function reduceLarge(im, recipe) {
-  const maxSide = recipe.max_side ?? 0; // absent in bundles from before step 0: no reduction
+  const maxSide = recipe.max_side;
   if (!maxSide || Math.max(im.h, im.w) <= maxSide) return { im, k: 1 };
   const k = Math.ceil(Math.max(im.h, im.w) / maxSide);
   const h = Math.floor(im.h / k), w = Math.floor(im.w / k);
@@ -204,7 +204,7 @@ export function frame(luma, alpha, width, height, recipe, mode = "auto") {
   if (ink === null) return { framed: null, report: { ...report, reason: "no object found (too little contrast)" } };
   const [r0, r1, c0, c1] = boundingBox(ink, recipe.object_threshold * 255);
   const placed = place(scaleToBox(crop(ink, r0, r1, c0, c1), recipe.box), recipe);
-  const framed = sharpen(placed, recipe.sharpen ?? 0); // absent in bundles from before step 8
+  const framed = sharpen(placed, recipe.sharpen);
   Object.assign(report, { applied: true, recipe: recipe.name, inverted: light, box: [c0 * k, r0 * k, (c1 - c0 + 1) * k, (r1 - r0 + 1) * k] });
   return { framed, report };
 }

@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 
 from contract import responses
-from contract.bundle import BUNDLE_FILE
+from contract.bundle import BUNDLE_FILE, BundleError, load_bundle
 from contract.preprocessing import MAX_BODY_BYTES
 from serve.client import Server, ServerError
 
@@ -64,6 +64,10 @@ def static_routes(build_dir: Path) -> dict[str, Path]:
     for name in (MODEL_FILE, BUNDLE_FILE):
         if not (build_dir / name).is_file():
             raise SetupError(f"{build_dir / name} not found: run `make export` (or pass --build DIR)")
+    try:  # the page reads bundle.json as it is: one of another format version is refused here
+        load_bundle(build_dir / BUNDLE_FILE)
+    except BundleError as error:
+        raise SetupError(str(error)) from None
     routes = {url: WEB_DIR / name for url, name in PAGE_FILES.items()}
     routes.update({f"/ort/{name}": ORT_DIST / name for name in ORT_FILES})
     routes.update({f"/model/{name}": build_dir / name for name in (MODEL_FILE, BUNDLE_FILE)})
