@@ -40,13 +40,12 @@ import numpy as np
 import torch
 
 from bench.load import CORES, wrk, write_script
+from contract.paths import DATA_DIR, ROOT
 
 if TYPE_CHECKING:
     from train.data import DatasetInfo
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-DATA_DIR = ROOT / "data"
 
 
 def log(message: str) -> None:

@@ -47,6 +47,7 @@ from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bund
                              verify_recorded_files, write_atomically, write_bundle)
 from contract.framing import recipe_for
 from contract.onnx_session import open_session, run_log_probs
+from contract.paths import ROOT
 from contract.preprocessing import InputSpec, decode_image
 from export import formats, signing
 from export.verify import unpack, verify_archive
@@ -55,7 +56,6 @@ from train.data import DataUnavailable, ensure_dataset, load_split
 
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "log_probs"  # recorded in bundle.json; runtimes ask the model
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class ExportMismatch(RuntimeError):
