@@ -10,8 +10,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 BUNDLE_FILE = "bundle.json"
 FORMAT_VERSION = 1

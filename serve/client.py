@@ -51,7 +51,7 @@ class Server:
     inference_key_file: Path | None = None  # the inference key alone, for clients without key_file.json
 
     @classmethod
-    def from_config(cls, config: Path | str, workdir: Path | str | None = None) -> "Server":
+    def from_config(cls, config: Path | str, workdir: Path | str | None = None) -> Server:
         config = Path(config)
         props = read_properties(config)
         return cls(props.get("inference_address", "http://127.0.0.1:8080"),

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import DATA_DIR, run_module
+from tests.helpers import DATA_DIR, ROOT, TRAIN, launched, run_module, torchrun
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from train.data import IDX_FILES, DataUnavailable, ensure_dataset, hold_out, load_split
 from train.distributed import Group
@@ -20,6 +20,7 @@ def train(checkpoint_dir, *extra):
                       "--checkpoint-dir", str(checkpoint_dir), *SMALL, *extra)
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_plain_data_and_what_export_needs(artifacts):
     state = torch.load(artifacts.checkpoint_dir / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and state["architecture"] == "convnet"
@@ -217,7 +218,6 @@ def fault(real, state, path):
 def train_with_fault(fault: str, checkpoint_dir, *extra):
     import subprocess
     import sys
-    from tests.conftest import ROOT
     return subprocess.run([sys.executable, "-c", WRAPPED_TRAIN, fault, "--dataset", "fashion-mnist",
                            "--data-dir", str(DATA_DIR), "--checkpoint-dir", str(checkpoint_dir), *SMALL, *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -317,7 +317,6 @@ def test_nodes_without_a_shared_folder_resume_from_rank_0s_state(tmp_path):
     """Two nodes on loopback, each with its own checkpoint folder: only node 0's holds last.pt.
     Rank 0 decides what to resume and hands the state over; node 1 never reads its folder."""
     from serve.process import free_ports
-    from tests.test_distributed import TRAIN, launched, torchrun
     limits = ["--train-limit", "3000", "--test-limit", "500"]
     run_module("train", *TRAIN[2:], *limits, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "node0"))
     (tmp_path / "node1").mkdir()
