@@ -71,6 +71,7 @@ def test_the_validation_set_is_fixed_by_the_seed_and_never_trained_on(fashion_te
         hold_out(whole, 0, seed=1)
 
 
+@pytest.mark.slow  # trains
 def test_best_pt_is_chosen_on_validation_not_on_test(tmp_path):
     """The test labels are shifted by one class here, so that test accuracy no longer follows
     learning: best.pt must still follow the validation set."""
@@ -91,6 +92,7 @@ def test_best_pt_is_chosen_on_validation_not_on_test(tmp_path):
     assert [float(r["test_accuracy"]) for r in rows] == [h["test_accuracy"] for h in history]
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("recipe", ["seed", "fast"])
 def test_resume_is_bit_exact(tmp_path, recipe):
     # fast: one-cycle schedule state and the random flips must resume exactly too
@@ -147,6 +149,7 @@ def test_pickled_objects_are_refused(tmp_path):
     assert not (tmp_path / "b" / "model.pt").exists()
 
 
+@pytest.mark.slow  # trains
 def test_mnist_from_gzipped_idx_files(tmp_path):
     """`--dataset mnist` trains from the four IDX files in <data>/MNIST/raw, gzipped here.
     (Fashion-MNIST's files stand in: same format; MNIST cannot be downloaded here.)"""
@@ -223,6 +226,7 @@ def train_with_fault(fault: str, checkpoint_dir, *extra):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # trains
 def test_a_kill_between_last_and_best_is_repaired_from_last(tmp_path):
     killed = train_with_fault(KILL_AFTER_LAST_OF_AN_IMPROVED_EPOCH, tmp_path, "--epochs", "3", "--lr", "0.05")
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -237,6 +241,7 @@ def test_a_kill_between_last_and_best_is_repaired_from_last(tmp_path):
     assert best["metrics"] == last["history"][-1]
 
 
+@pytest.mark.slow  # trains
 def test_a_full_disk_keeps_the_previous_checkpoints(tmp_path):
     failed = train_with_fault(DISK_FULL_IN_EPOCH_2, tmp_path, "--epochs", "2")
     assert failed.returncode not in (0, -9)
