@@ -18,7 +18,7 @@ VARIANT ?= cpu
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean
+.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean test-fast lint format
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -68,7 +68,7 @@ predict: install  ## send IMG=path (one or more) to the running server with the 
 stop:  ## stop the TorchServe started by `make serve`; returns when it has exited
 	-$(PYTHON) -m serve stop
 
-test: install  ## the whole suite (GPU tests skip, saying why, where there is no GPU)
+test: install  ## every test: TorchServe, nginx, chromium, training (GPU tests skip, saying why, where there is no GPU)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-gpu:  ## the GPU tests alone; PYTHON=python3 on hosts that bring their own PyTorch
@@ -102,3 +102,17 @@ image-test: archive  ## build the CPU image and smoke-test it: healthy, REST ans
 
 clean:  ## remove build outputs (keeps data/, checkpoints/ and the venv)
 	rm -rf build model_store/*.mar logs key_file.json .pytest_cache
+
+# The tests that need none of the real components (pyproject.toml's markers): no TorchServe, no
+# browser, no container, no nginx, no GPU, no KServe, no training beyond tiny fixtures.
+FAST_MARKERS := not (torchserve or browser or docker or gateway or gpu or oip or slow)
+
+test-fast: install  ## the unit tests, for every commit: none of TorchServe, chromium, nginx, docker, GPU, training
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+
+lint: install  ## ruff check (whole tree) and mypy (contract/), as configured in pyproject.toml
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
+
+format:  ## ruff format the whole tree (pyproject.toml's style); `make lint` does not check it yet
+	$(PYTHON) -m ruff format .

@@ -57,7 +57,7 @@ if ! command -v nginx >/dev/null; then
     "rolling-update tests will fail saying so (Debian/Ubuntu: sudo apt-get install nginx)"
 fi
 
-if [[ -f "$stamp" && "$stamp" -nt "$requirements" && "$stamp" -nt requirements-common.txt && "$stamp" -nt install.sh ]]; then
+if [[ -f "$stamp" && "$stamp" -nt "$requirements" && -z $(find requirements -newer "$stamp" -name "*.txt") && "$stamp" -nt install.sh ]]; then
   exit 0
 fi
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"

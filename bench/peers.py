@@ -24,9 +24,9 @@ import requests
 
 from bench.load import CORES, wrk, write_script
 from contract import TOLERANCE
+from contract.paths import ROOT
 from serve.process import free_ports, stop_process_group
 
-ROOT = Path(__file__).resolve().parent.parent
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 
 

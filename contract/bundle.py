@@ -12,9 +12,10 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 BUNDLE_FILE = "bundle.json"
 # 2: every field below is present (format records, the self-test, the framing recipe with all

@@ -22,7 +22,7 @@ def open_session(model_path: str | bytes, device: str = "cpu", threads: int = 1,
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     if device == "cpu":
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict]] = ["CPUExecutionProvider"]
     elif device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ProviderUnavailable(

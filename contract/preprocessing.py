@@ -84,7 +84,7 @@ class InputSpec:
     framing: dict | None = None  # bundle.json's framing recipe; None: images are only fitted
 
     @classmethod
-    def from_bundle(cls, bundle: dict) -> "InputSpec":
+    def from_bundle(cls, bundle: dict) -> InputSpec:
         spec = bundle["input"]
         return cls(int(spec["channels"]), int(spec["height"]), int(spec["width"]),
                    tuple(float(m) for m in spec["mean"]), tuple(float(s) for s in spec["std"]),
@@ -104,7 +104,7 @@ class DecodedImage:
     """
     gray: np.ndarray
     alpha: np.ndarray | None
-    format: str
+    format: str | None  # Pillow's name for the file's format
     orientation: int = 1
     luma: np.ndarray | None = None
     scale: int = 1  # pixels of the file per pixel here (the decoder's downscaling, the block means)
@@ -113,7 +113,8 @@ class DecodedImage:
         """(luminance 0..255 before compositing, opacity 0..1 or None), as framing wants them."""
         if self.alpha is None:
             return self.gray, None
-        return self.luma, self.alpha / np.float32(255)
+        luma = self.gray if self.luma is None else self.luma  # decode sets luma wherever alpha is
+        return luma, self.alpha / np.float32(255)
 
 
 def preprocess(body, spec: InputSpec, framing: str | None = None) -> np.ndarray:
@@ -186,7 +187,8 @@ def decode(data: bytes) -> DecodedImage:
                 _check_size(image)  # a decoder may change its mind about the size
                 gray, alpha, luma = _to_gray_and_alpha(image)
                 orientation = _exif_orientation(image)
-                turn = lambda values: None if values is None else _upright(values, orientation)
+                def turn(values):
+                    return None if values is None else _upright(values, orientation)
                 scale = max(1, round(declared_width / image.width)) * _block_factor(image.size)
                 return DecodedImage(turn(gray), turn(alpha), image.format, orientation, turn(luma), scale)
     except InvalidInput:

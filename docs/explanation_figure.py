@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# A script run by path: the checkout must be importable before contract.paths can say where it is.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from contract.bundle import load_bundle  # noqa: E402
 from contract.onnx_session import check_model_matches_bundle, open_session  # noqa: E402
+from contract.paths import ROOT  # noqa: E402
 from contract.preprocessing import InputSpec, decode_image  # noqa: E402
 from edge.explain import black_baseline, integrated_gradients, model_view, overlay_png  # noqa: E402
 from serve.process import TorchServeProcess  # noqa: E402

@@ -45,6 +45,7 @@ from contract import MODEL_NAME, TOLERANCE
 from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bundle, sha256_file,
                              verify_recorded_files, write_atomically, write_bundle)
 from contract.framing import recipe_for
+from contract.paths import ROOT
 from contract.preprocessing import InputSpec, decode_image
 from export import convert, signing
 from export.convert import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, ExportMismatch
@@ -53,7 +54,6 @@ import formats
 from train.checkpoint import CheckpointError, load_checkpoint, load_model, reconcile_best
 from train.data import DataUnavailable, ensure_dataset, load_split
 
-ROOT = Path(__file__).resolve().parent.parent
 # What the handler imports besides TorchServe, torch and their dependencies: packed into the .mar.
 HANDLER_PACKAGES = ("contract", "formats")
 

@@ -59,7 +59,7 @@ class Server:
     grpc_management_target: str = "127.0.0.1:7071"
 
     @classmethod
-    def from_config(cls, config: Path | str, workdir: Path | str | None = None) -> "Server":
+    def from_config(cls, config: Path | str, workdir: Path | str | None = None) -> Server:
         config = Path(config)
         props = read_properties(config)
         return cls(props.get("inference_address", "http://127.0.0.1:8080"),

@@ -24,11 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+from contract.paths import ROOT
 from serve.client import MODEL_NAME, Server, ServerError, content_type_of
 from serve.process import (anchored_allowed_urls, private_directory, private_environment,
                            torchserve_command, write_config)
 
-ROOT = Path(__file__).resolve().parent.parent
 STOP_PATIENCE_S = 60
 
 

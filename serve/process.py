@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from contract.paths import ROOT
 from serve.client import Server, read_properties
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_ports(count: int) -> list[int]:

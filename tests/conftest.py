@@ -1,74 +1,43 @@
 """Shared fixtures: a model trained on a subset of Fashion-MNIST (real images), its exports and
-archive, and a real TorchServe serving it from a private directory, stopped at the end."""
+archive, and a real TorchServe serving it from a private directory, stopped at the end; and the
+check that every test carries the markers of the real components it needs."""
 from __future__ import annotations
 
-import io
 import os
-import subprocess
-import threading
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = ROOT / "data"
-SUMMARY: list[str] = []  # measured figures, printed at the end of the run
+from tests.helpers import DATA_DIR, SUMMARY, missing_markers, png_bytes, run_module
 
 # One thread per process: TorchServe's worker, onnxruntime and this process share 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def run_module(*args: str, check: bool = True, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
-    """`python -m <args>` from the repository root, as a user would run it."""
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, **(env or {})})
-    if check and result.returncode != 0:
-        pytest.fail(f"python -m {' '.join(args)} exited {result.returncode}\n"
-                    f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
-    return result
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a fixture starting TorchServe, nginx or chromium, or training a model,
+    must say so with the marker (explicitly, in its module): otherwise `make test-fast` would run
+    it. Collection fails, naming each such test and the marker it lacks."""
+    problems = []
+    for item in items:
+        missing = missing_markers(getattr(item, "fixturenames", ()), {m.name for m in item.iter_markers()})
+        if missing:
+            problems.append(f"  {item.nodeid}: add {', '.join(f'@pytest.mark.{m}' for m in sorted(missing))}")
+    if problems:
+        raise pytest.UsageError("tests use fixtures whose components they are not marked for:\n"
+                                + "\n".join(problems))
 
 
-def encode_image(image, fmt: str = "PNG", mode: str | None = None, **kw) -> bytes:
-    """An image file's bytes from a PIL image or a numpy array, optionally converted to `mode`."""
-    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    buf = io.BytesIO()
-    (image.convert(mode) if mode else image).save(buf, format=fmt, **kw)
-    return buf.getvalue()
+@pytest.fixture(autouse=True)
+def _torchserve_only_where_marked(request, monkeypatch):
+    """A test not marked `torchserve` that starts one anyway fails, saying so: the fast tier
+    stays free of servers even where a test starts its own instead of taking a fixture's."""
+    if request.node.get_closest_marker("torchserve") is None:
+        from serve.process import TorchServeProcess
 
-
-def png_bytes(array: np.ndarray) -> bytes:
-    return encode_image(array, "PNG")
-
-
-class BackgroundClients:
-    """`clients` threads each running `self.run(index)` from the start of a with-block until its
-    end; subclasses send the requests and record the results."""
-
-    def __init__(self, clients: int):
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)]
-
-    def run(self, index: int) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-
-def report(line: str) -> None:
-    SUMMARY.append(line)
-    print(line)
+        def refuse(self, *args, **kwargs):
+            pytest.fail(f"{request.node.nodeid} starts TorchServe: mark it @pytest.mark.torchserve")
+        monkeypatch.setattr(TorchServeProcess, "start", refuse)
 
 
 def pytest_terminal_summary(terminalreporter):

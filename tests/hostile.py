@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from tests.conftest import encode_image
+from tests.helpers import encode_image
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,38 @@ def bad_cases() -> list[Case]:
         Case("truncated GIF", animated("GIF", [digit()])[:40], "image/gif", 400, "truncated or corrupt"),
         Case("truncated TIFF", tiff(digit())[:200], "image/tiff", 400, "truncated or corrupt"),
         Case("random bytes", np.random.default_rng(3).integers(0, 256, 5000, dtype=np.uint8).tobytes(), "application/octet-stream", 400, "not an image"),
+    ]
+
+
+def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
+    """(name, body, content type, expected status, words in the error)."""
+    rng = np.random.default_rng(7)
+    digit = np.zeros((28, 28), np.uint8)
+    digit[5:23, 9:19] = 200
+    png = encode_image(digit, "PNG")
+    bomb = png_declaring(20000, 20000)
+    pixels = digit.tolist()
+    return [
+        ("empty body", b"", "application/octet-stream", 400, "empty"),
+        ("truncated PNG", png[: len(png) // 2], "image/png", 400, "truncated"),
+        ("random bytes", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "application/octet-stream", 400, "not an image"),
+        ("decompression bomb", bomb, "image/png", 413, "decompression bomb"),
+        ("too many pixels", png_declaring(5000, 5000), "image/png", 413, "exceeds the limit"),
+        # refused by TorchServe's frontend (max_request_size) before the handler: no JSON body
+        ("over 1 MiB", rng.integers(0, 256, 1_100_000, dtype=np.uint8).tobytes(), "application/octet-stream", 413, None),
+        ("malformed JSON", b'{"pixels": [[1, 2', "application/json", 400, "malformed JSON"),
+        ("JSON array", b"[1, 2, 3]", "application/json", 400, "JSON object"),
+        ("NaN pixels", json.dumps({"pixels": [[float("nan")] * 28] * 28}).encode(), "application/json", 400, "NaN"),
+        ("pixels out of range", json.dumps({"pixels": [[256] * 28] * 28}).encode(), "application/json", 400, "0..255"),
+        ("negative pixels", json.dumps({"pixels": [[-3] * 28] * 28}).encode(), "application/json", 400, "0..255"),
+        ("wrong shape", json.dumps({"pixels": pixels[:20]}).encode(), "application/json", 400, "28 rows of 28"),
+        ("flat pixels", json.dumps({"pixels": sum(pixels, [])}).encode(), "application/json", 400, "flat list"),
+        ("string pixels", json.dumps({"pixels": [["1"] * 28] * 28}).encode(), "application/json", 400, "no strings"),
+        ("bad base64", b'{"image": "%%%"}', "application/json", 400, "base64"),
+        ("base64 of garbage", json.dumps({"image": base64.b64encode(b"garbage").decode()}).encode(), "application/json", 400, "not an image"),
+        ("unknown keys", b'{"img": "x"}', "application/json", 400, "exactly one"),
+        ("plain text", b"hello", "text/plain", 400, "got text that is not an image"),
+        ("form post", b"a=b", "application/x-www-form-urlencoded", 400, "Content-Type"),
     ]
 
 

@@ -2,43 +2,17 @@
 Every test bounds its time and ends its process group, also when it fails."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
-from contextlib import contextmanager
 
 import psutil
 import pytest
 
 from serve.process import free_ports
-from tests.conftest import DATA_DIR, ROOT, report, run_module
+from tests.helpers import TRAIN, launched, report, run_module, torchrun
 from train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
-TRAIN = ["-m", "train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--threads", "1"]
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
-
-
-@contextmanager
-def launched(command: list[str], log):
-    """A process group of its own, killed whole when the block ends."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        yield process
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
-
-
 def test_two_processes_of_32_equal_one_process_of_64(tmp_path):
     limit = ["--epochs", "1", "--train-limit", "1280", "--test-limit", "500", "--batch-size", "64"]  # 20 steps
     run_module(*TRAIN[1:], *limit, "--checkpoint-dir", str(tmp_path / "single"))

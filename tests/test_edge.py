@@ -7,7 +7,7 @@ import pytest
 
 from contract.onnx_session import open_session, run_log_probs
 from tests import runtimes
-from tests.conftest import report, run_module
+from tests.helpers import DATA_DIR, report, run_module, without_torch
 
 
 @pytest.fixture(scope="module")
@@ -15,20 +15,11 @@ def edge_build(artifacts, tmp_path_factory):
     """A copy of the build with the int8 and ORT models added by the real commands."""
     build = tmp_path_factory.mktemp("edge") / "build"
     shutil.copytree(artifacts.build_dir, build)
-    from tests.conftest import DATA_DIR
     run_module("export", "quantize", "--build-dir", str(build), "--data-dir", str(DATA_DIR))
     run_module("export", "ort", "--build-dir", str(build))
     return build
 
-
-def without_torch(tmp_path) -> dict:
-    """An environment in which `import torch` fails, as on a device without PyTorch."""
-    blocker = tmp_path / "no_torch"
-    (blocker / "torch").mkdir(parents=True)
-    (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch is not available on this device')\n")
-    return {"PYTHONPATH": str(blocker)}
-
-
+@pytest.mark.slow
 def test_predictor_runs_without_torch_and_matches_onnxruntime(artifacts, tmp_path, test_pngs):
     images = tmp_path / "images"
     images.mkdir()
@@ -59,6 +50,7 @@ def test_torch_really_is_blocked(tmp_path):
     assert result.returncode != 0 and "not available on this device" in result.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_reported_and_the_rest_classified(artifacts, tmp_path, test_pngs):
     (tmp_path / "a.png").write_bytes(test_pngs[0][0])
     (tmp_path / "b.png").write_bytes(b"not an image")
@@ -69,6 +61,7 @@ def test_unreadable_images_are_reported_and_the_rest_classified(artifacts, tmp_p
     assert lines[0].startswith(f"{tmp_path / 'a.png'}: ") and "error: " in lines[1] and "label" in lines[2]
 
 
+@pytest.mark.slow
 def test_any_file_is_reported_on_its_own_line_and_the_rest_classified(artifacts, tmp_path, test_pngs):
     """A huge (sparse, 10 GB) file, a pipe, a missing file, names with a line break or bytes that
     are not UTF-8: each gets its error on one line, at once, and the good images their answer."""
@@ -102,6 +95,7 @@ def test_any_file_is_reported_on_its_own_line_and_the_rest_classified(artifacts,
     assert [json.loads(line)["path"] for line in json_lines] == [str(p) for p in paths]
 
 
+@pytest.mark.slow
 def test_results_are_printed_as_each_batch_is_done(artifacts, tmp_path, test_pngs, monkeypatch):
     import io
     import sys
@@ -131,6 +125,7 @@ def test_bad_arguments_get_a_usage_error(arguments, words):
     assert result.returncode == 2 and "usage: python -m edge" in result.stderr and words in result.stderr
 
 
+@pytest.mark.slow
 def test_clear_errors_for_a_missing_model_and_a_mismatching_bundle(artifacts, tmp_path):
     result = run_module("edge", "x.png", "--model", str(tmp_path / "none.onnx"), check=False)
     assert result.returncode != 0 and "no model at" in result.stderr
@@ -144,6 +139,7 @@ def test_clear_errors_for_a_missing_model_and_a_mismatching_bundle(artifacts, tm
     assert result.returncode != 0 and "bundle.json says 'pixels'" in result.stderr
 
 
+@pytest.mark.slow
 def test_int8_model_keeps_accuracy(edge_build):
     bundle = json.loads((edge_build / "bundle.json").read_text())
     figures = bundle["edge"]["int8"]
@@ -157,6 +153,7 @@ def test_int8_model_keeps_accuracy(edge_build):
            f"{figures['bytes_int8']} vs {figures['bytes_fp32']} bytes")
 
 
+@pytest.mark.slow
 def test_ort_format_model_matches_the_onnx_model(edge_build, test_pngs):
     from contract.bundle import verify_file
     bundle = json.loads((edge_build / "bundle.json").read_text())

@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from contract.preprocessing import InputSpec, decode_image, preprocess
-from tests.conftest import report, run_module
-from tests.test_edge import without_torch
-from tests.test_serve import bad_requests, worker_pids
+from tests import hostile
+from tests.helpers import report, run_module, without_torch, worker_pids
 from train.checkpoint import load_model
+
+pytestmark = pytest.mark.slow
 
 # |sum of attributions - (P(x) - P(black))|, in probability: the error of integrating with
 # finitely many Gauss-Legendre steps, 64 the server's setting and 32 the edge CLI's default.
@@ -54,6 +55,7 @@ def probability(model, x: torch.Tensor, label: int) -> float:
         return float(model(x).exp()[0, label])
 
 
+@pytest.mark.torchserve
 def test_an_explanation_is_the_prediction_and_a_map_of_its_class(server, test_pngs, explanations, artifacts):
     for png, answer in zip(test_pngs[0], explanations):
         prediction = server.predict(png, "image/png").json()
@@ -67,6 +69,7 @@ def test_an_explanation_is_the_prediction_and_a_map_of_its_class(server, test_pn
         assert method["target"] == "probability of the predicted class"
 
 
+@pytest.mark.torchserve
 def test_attributions_are_complete(explanations, test_pngs, eager):
     """sum(map) = P(x) - P(black) for the predicted class, both probabilities from the eager model."""
     model, spec, black = eager
@@ -85,6 +88,7 @@ def test_attributions_are_complete(explanations, test_pngs, eager):
            f"output differences of {min(gaps):.2f} to {max(gaps):.2f}")
 
 
+@pytest.mark.torchserve
 def test_the_server_map_is_captum_on_the_eager_model(explanations, test_pngs, eager):
     """The same method on the checkpoint's eager model gives the same map as the served model."""
     from captum.attr import IntegratedGradients
@@ -100,9 +104,10 @@ def test_the_server_map_is_captum_on_the_eager_model(explanations, test_pngs, ea
            f"max |d map| {difference:.2g} (map peak {peak:.2g})")
 
 
+@pytest.mark.torchserve
 def test_bad_explanation_requests_get_the_same_answer_as_predictions(server, test_pngs):
     pids = worker_pids(server)
-    for name, body, content_type, status, words in bad_requests():
+    for name, body, content_type, status, words in hostile.bad_requests():
         predicted = server.predict(body, content_type)
         explained = server.explain(body, content_type)
         assert explained.status_code == predicted.status_code == status, name
@@ -113,6 +118,7 @@ def test_bad_explanation_requests_get_the_same_answer_as_predictions(server, tes
     assert server.explain(test_pngs[0][0], "image/png", timeout=60).status_code == 200
 
 
+@pytest.mark.torchserve
 def test_explanations_and_predictions_share_batches(server, test_pngs):
     """A batch can mix both kinds: each request gets what it asked for."""
     pngs = test_pngs[0][:12]

@@ -11,6 +11,7 @@ from export.convert import ExportMismatch, compare
 from contract.bundle import BundleError, sha256_file, verify_file
 
 
+@pytest.mark.slow
 def test_onnx_is_one_file_with_a_dynamic_batch(artifacts):
     path = artifacts.build_dir / "model.onnx"
     assert not path.with_name("model.onnx.data").exists()
@@ -25,6 +26,7 @@ def test_onnx_is_one_file_with_a_dynamic_batch(artifacts):
         assert run_log_probs(session, x).shape == (batch, 10)
 
 
+@pytest.mark.slow
 def test_bundle_json_is_the_contract(artifacts):
     bundle = artifacts.bundle
     assert bundle["model_name"] == "mnist" and bundle["dataset"] == "fashion-mnist"
@@ -39,6 +41,7 @@ def test_bundle_json_is_the_contract(artifacts):
     assert bundle["export_check"]["onnx_max_abs_dp"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_a_changed_file_no_longer_verifies(artifacts, tmp_path):
     copy = tmp_path / "model.onnx"
     copy.write_bytes((artifacts.build_dir / "model.onnx").read_bytes() + b"\0")
@@ -55,6 +58,7 @@ def test_mismatching_export_fails_with_the_numbers():
     assert compare("TorchScript", reference, reference) == 0
 
 
+@pytest.mark.slow
 def test_archive_holds_model_handler_preprocessing_contract_and_config(artifacts):
     with zipfile.ZipFile(artifacts.mar) as mar:
         names = set(mar.namelist())
@@ -67,6 +71,7 @@ def test_archive_holds_model_handler_preprocessing_contract_and_config(artifacts
     assert packed_bundle == artifacts.bundle
 
 
+@pytest.mark.slow
 def test_samples_are_real_test_images(artifacts):
     samples = sorted((artifacts.build_dir / "samples").glob("*.png"))
     assert len(samples) == 5 and samples[0].name == "test0000-ankle-boot.png"

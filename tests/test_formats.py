@@ -15,30 +15,10 @@ from contract.bundle import load_bundle, sha256_file
 from formats import PT2_MAX_BATCH
 from serve.process import TorchServeProcess
 from tests import runtimes
-from tests.conftest import DATA_DIR, ROOT, report, run_module
+from tests.helpers import ROOT, SERVED_FORMATS, build_format_archives, report, run_module
 
-SERVED_FORMATS = ("pt2", "onnx")
 # CPU workers even on a GPU host: this file is the CPU half (test_gpu.py has the GPU's).
 CPU_ONLY = {"number_of_gpu": "0"}
-
-
-def build_format_archives(artifacts, base: Path, device: str, inductor_cache: Path) -> SimpleNamespace:
-    """The `artifacts` checkpoint exported with --format pt2 (compiled for `device`: a slow C++
-    compilation, once per session), and one archive per served format, each verified."""
-    build = base / "build"
-    run_module("export", "build", "--format", "pt2", "--device", device,
-               "--checkpoint", str(artifacts.checkpoint_dir / "best.pt"),
-               "--build-dir", str(build), "--data-dir", str(DATA_DIR),
-               env={"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)})
-    stores, verified = {}, {}
-    for fmt in SERVED_FORMATS:
-        stores[fmt] = base / f"model_store-{fmt}"
-        run_module("export", "archive", "--format", fmt, "--build-dir", str(build),
-                   "--model-store", str(stores[fmt]))
-        verified[fmt] = run_module("export", "verify", str(stores[fmt] / "mnist.mar")).stdout
-    return SimpleNamespace(build_dir=build, bundle=load_bundle(build), stores=stores, verified=verified,
-                           inductor_cache=inductor_cache)
-
 
 @pytest.fixture(scope="module")
 def format_archives(artifacts, tmp_path_factory):
@@ -65,6 +45,7 @@ def format_server(request, format_archives, tmp_path_factory):
     process.stop()
 
 
+@pytest.mark.slow
 def test_bundle_records_each_format_and_archives_verify(format_archives):
     bundle = format_archives.bundle
     model_config = (ROOT / "handlers" / "model-config.yaml").read_text()
@@ -84,6 +65,7 @@ def test_bundle_records_each_format_and_archives_verify(format_archives):
         assert f"({fmt})" in format_archives.verified[fmt] and ": OK:" in format_archives.verified[fmt]
 
 
+@pytest.mark.slow
 def test_archive_of_a_format_not_built_is_refused_with_the_command_to_run(artifacts, tmp_path):
     result = run_module("export", "archive", "--format", "pt2", "--build-dir", str(artifacts.build_dir),
                         "--model-store", str(tmp_path), check=False)
@@ -92,6 +74,8 @@ def test_archive_of_a_format_not_built_is_refused_with_the_command_to_run(artifa
     assert not (tmp_path / "mnist.mar").exists()
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_served_format_agrees_with_eager_and_onnxruntime(artifacts, format_archives, format_server, test_pngs):
     pngs, _ = test_pngs
     x = runtimes.preprocessed(pngs, format_archives.bundle)
@@ -110,6 +94,8 @@ def test_served_format_agrees_with_eager_and_onnxruntime(artifacts, format_archi
                f"max |dp| = {value:.3g}")
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_served_format_agrees_with_eager_when_batched(artifacts, format_archives, format_server, test_pngs):
     pngs, _ = test_pngs
     x = runtimes.preprocessed(pngs, format_archives.bundle)
@@ -121,6 +107,8 @@ def test_served_format_agrees_with_eager_when_batched(artifacts, format_archives
            f"batch sizes {sorted(set(batches))}: max |dp| = {max(maxima.values()):.3g}")
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_pt2_worker_needs_no_compiler(artifacts, format_archives, test_pngs, tmp_path):
     """With CXX naming no compiler (the only one inductor would use) and an empty inductor cache,
     and answers: the model is not compiled when a worker starts. The cache stays free of built

@@ -16,7 +16,7 @@ from bench.realistic_inputs import FORMS, DESCRIPTIONS, canvas_drawing, make_inp
 from contract import framing
 from contract.framing import frame, recipe_for, resize, resize_weights
 from contract.preprocessing import InputSpec, InvalidInput, decode_image, preprocess, preprocess_framed
-from tests.conftest import DATA_DIR, encode_image, report, run_module
+from tests.helpers import DATA_DIR, encode_image, report, run_module
 
 FASHION, MNIST = recipe_for("fashion-mnist"), recipe_for("mnist")
 SPEC = InputSpec(1, 28, 28, (0.2860,), (0.3530,), FASHION)
@@ -173,6 +173,7 @@ def test_nothing_to_frame_falls_back_to_the_plain_fit():
     assert preprocess_framed(blank, PLAIN)[1]["reason"] == "bundle.json has no framing recipe"
 
 
+@pytest.mark.slow
 def test_export_records_the_recipe_in_bundle_json(artifacts):
     assert artifacts.bundle["input"]["framing"] == recipe_for(artifacts.bundle["dataset"])
     assert InputSpec.from_bundle(artifacts.bundle).framing == FASHION
@@ -194,6 +195,8 @@ def served_labels(server, bodies, headers=None) -> tuple[np.ndarray, list[dict]]
     return np.array([label for label, _ in answers]), [what for _, what in answers]
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_each_form_served_is_within_3_points_of_the_data_set_form(server, fashion_test_set):
     images = fashion_test_set.images[:SERVED_PER_FORM].numpy()
     labels = fashion_test_set.labels[:SERVED_PER_FORM].numpy()
@@ -217,6 +220,8 @@ def test_each_form_served_is_within_3_points_of_the_data_set_form(server, fashio
         assert before[form] < accuracy[form] - 0.3
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_a_request_asks_for_framing_by_header_or_json(server, fashion_test_set):
     photo = make_input(fashion_test_set.images[4].numpy(), "phone", 0, 4)
     framed = server.predict(photo).json()["framing"]
@@ -230,6 +235,7 @@ def test_a_request_asks_for_framing_by_header_or_json(server, fashion_test_set):
     assert refused.status_code == 400 and "framing must be one of auto, on, off" in refused.json()["error"]
 
 
+@pytest.mark.slow
 def test_edge_cli_frames_and_can_be_told_not_to(artifacts, fashion_test_set, tmp_path):
     images, labels = fashion_test_set.images[:60].numpy(), fashion_test_set.labels[:60].numpy()
     for i, image in enumerate(images):

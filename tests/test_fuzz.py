@@ -20,7 +20,7 @@ from PIL import Image
 
 from contract.preprocessing import InputSpec, InvalidInput, preprocess
 from tests import hostile
-from tests.conftest import encode_image, report
+from tests.helpers import encode_image, report
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.2860,), std=(0.3530,))
 MEMORY_BOUND = 100 * 10**6  # bytes a single body may add to the process's peak RSS

@@ -8,7 +8,7 @@ import torch
 
 import formats
 from tests import runtimes
-from tests.conftest import png_bytes, report
+from tests.helpers import DATA_DIR, build_format_archives, png_bytes, report, run_module
 
 
 def cuda_skip_reason() -> str | None:
@@ -42,6 +42,8 @@ def tf32_off():
         yield
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_gpu_runtimes_agree(artifacts, server, gpu_pngs):
     description = server.describe()
     assert [w["gpu"] for w in description["workers"]] == [True], \
@@ -68,6 +70,7 @@ def test_gpu_runtimes_agree(artifacts, server, gpu_pngs):
            + "; ".join(f"{pair}: {value:.3g}" for pair, value in maxima.items()))
 
 
+@pytest.mark.slow
 def test_tf32_effect_is_reported(artifacts, gpu_pngs):
     """Not an equality check: measures how far TF32 moves the log-probabilities from float64."""
     from train.checkpoint import load_model
@@ -93,7 +96,6 @@ def test_tf32_effect_is_reported(artifacts, gpu_pngs):
 
 def test_training_fast_path_on_cuda(tmp_path):
     """The tensor fast path keeps the data on the GPU; report the epoch time."""
-    from tests.conftest import DATA_DIR, run_module
     result = run_module("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR),
                         "--device", "cuda", "--epochs", "2", "--checkpoint-dir", str(tmp_path))
     lines = [line for line in result.stdout.splitlines() if line.startswith("[train] epoch")]
@@ -107,7 +109,6 @@ def test_training_fast_path_on_cuda(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_format_archives(artifacts, tmp_path_factory):
-    from tests.test_formats import build_format_archives
     base = tmp_path_factory.mktemp("gpu-formats")
     return build_format_archives(artifacts, base, "cuda:0", base / "inductor-cache")
 
@@ -123,6 +124,8 @@ def gpu_format_server(request, gpu_format_archives, tmp_path_factory):
     process.stop()
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_gpu_served_formats_agree(artifacts, gpu_format_archives, gpu_format_server, gpu_pngs):
     fmt, process = gpu_format_server
     server = process.server

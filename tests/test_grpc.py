@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from serve.grpc_client import GrpcClient, write_stubs
-from tests.conftest import BackgroundClients, report
+from tests.helpers import BackgroundClients, report
 from tests.hostile import bad_cases, good_cases
 
 pytestmark = pytest.mark.torchserve
@@ -164,7 +164,7 @@ def test_streams_and_grpc_errors_under_rest_load_hurt_no_one(server, client, tes
 
 
 def test_the_command_line_predicts_over_grpc(torchserve, tmp_path, test_pngs):
-    from tests.conftest import run_module
+    from tests.helpers import run_module
 
     (tmp_path / "digit.png").write_bytes(test_pngs[0][0])
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")

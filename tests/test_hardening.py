@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 
 import psutil
 import pytest
@@ -15,7 +14,7 @@ import requests
 
 from serve.client import ServerError
 from serve.process import TorchServeProcess
-from tests.conftest import DATA_DIR, ROOT, BackgroundClients, report, run_module
+from tests.helpers import DATA_DIR, ROOT, BackgroundClients, report, run_module, tampered_copy
 from train.checkpoint import load_checkpoint
 
 
@@ -33,6 +32,8 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_every_listener_is_on_loopback(torchserve, server):
     sockets = listening_sockets(torchserve.process.pid)
     assert len(sockets) >= 5, sockets  # inference, management, metrics, gRPC inference and management
@@ -42,6 +43,8 @@ def test_every_listener_is_on_loopback(torchserve, server):
         assert ip == ipaddress.ip_address("127.0.0.1"), f"port {port} listens on {address}"
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_model_registration_and_deletion_are_refused(server):
     auth = {"Authorization": f"Bearer {server.key('management')}"}
     for url in ("http://169.254.169.254/latest/model.mar", "file:///etc/passwd", "mnist.mar"):
@@ -51,18 +54,8 @@ def test_model_registration_and_deletion_are_refused(server):
     assert response.status_code == 405
     assert server.describe()["workers"][0]["status"] == "READY"
 
-
-def tampered_copy(mar, target) -> None:
-    """The archive with one byte of model.pt changed, bundle.json left as it was."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(mar) as src, zipfile.ZipFile(target, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == "model.pt":
-                data = data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:]
-            dst.writestr(item, data)
-
-
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_tampered_archive_is_refused_by_verify_and_by_the_handler(artifacts, tmp_path):
     bad = tmp_path / "store" / "mnist.mar"
     tampered_copy(artifacts.mar, bad)
@@ -119,6 +112,7 @@ def wait_for_new_worker(server, old_pid: int, timeout: float) -> int:
     raise AssertionError(f"no new READY worker within {timeout} s: {workers}")
 
 
+@pytest.mark.torchserve
 @pytest.mark.slow
 def test_worker_killed_under_load_recovers_within_10_seconds(fault_server, test_pngs):
     old_pid = fault_server.describe()["workers"][0]["pid"]
@@ -140,6 +134,7 @@ def test_worker_killed_under_load_recovers_within_10_seconds(fault_server, test_
     assert after and all(after), "requests still fail after the worker came back"
 
 
+@pytest.mark.torchserve
 @pytest.mark.slow
 def test_one_minute_at_concurrency_32_loses_nothing_and_leaks_nothing(fault_server, test_pngs):
     pid = fault_server.describe()["workers"][0]["pid"]

@@ -1,7 +1,10 @@
 """PyTorch, TorchScript, TorchServe and onnxruntime give the same answer on the CPU."""
+import pytest
 
-from tests.conftest import report
 from tests import runtimes
+from tests.helpers import report
+
+pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 
 
 def test_all_runtimes_agree_on_200_real_images(artifacts, server, test_pngs):

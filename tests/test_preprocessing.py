@@ -9,7 +9,7 @@ from PIL import Image
 import time
 
 from tests import hostile
-from tests.conftest import encode_image, report
+from tests.helpers import encode_image, report
 from contract.preprocessing import (MAX_BODY_BYTES, WORK_SIDE, InputSpec, InvalidInput, decode,
                                     decode_image, preprocess)
 

@@ -26,8 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from contract import TOLERANCE
 from serve.client import read_properties
 from serve.process import TorchServeProcess, free_ports
-from tests.conftest import ROOT, BackgroundClients, encode_image, report, run_module
-from tests.test_hardening import tampered_copy
+from tests.helpers import ROOT, BackgroundClients, encode_image, report, run_module, tampered_copy
 
 
 # ---------------------------------------------------------------- metrics
@@ -53,6 +52,8 @@ def total(samples, name: str, **labels) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and wanted <= set(lab))
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_metrics_count_good_and_bad_requests_by_status(server, test_pngs):
     pngs, _ = test_pngs
     too_many_pixels = encode_image(np.zeros((5000, 5000), np.uint8), "PNG")  # handler's 413
@@ -105,6 +106,8 @@ def probe(kind: str, process: TorchServeProcess) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_probes_say_ready_and_live_for_a_serving_model(torchserve):
     code, said = probe("ready", torchserve)
     workers = len(torchserve.server.describe()["workers"])
@@ -113,6 +116,8 @@ def test_probes_say_ready_and_live_for_a_serving_model(torchserve):
     assert code == 0 and "frontend answers (/ping: HTTP 200)" in said
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_tampered_model_is_live_but_never_ready_and_a_stopped_server_is_neither(artifacts, tmp_path):
     bad = tmp_path / "store" / "mnist.mar"
     tampered_copy(artifacts.mar, bad)
@@ -232,6 +237,9 @@ def fleet(artifacts, tmp_path_factory):
             replica.stop()
 
 
+@pytest.mark.torchserve
+@pytest.mark.gateway
+@pytest.mark.slow
 def test_one_gateway_token_opens_every_replica_and_nothing_else_does(fleet, server, test_pngs):
     png, gateway = test_pngs[0][0], fleet.gateway
     # No token, a wrong one, or a TorchServe's own inference key (the shared test server's):
@@ -293,6 +301,8 @@ def answers(replica: TorchServeProcess, pngs: list[bytes]) -> np.ndarray:
     return np.array([replica.server.predict(png, "image/png").json()["probabilities"] for png in pngs])
 
 
+@pytest.mark.torchserve
+@pytest.mark.gateway
 @pytest.mark.slow
 def test_rolling_model_update_under_load_loses_no_request(fleet, new_model, test_pngs):
     pngs = test_pngs[0][:8]
@@ -350,7 +360,7 @@ def manifests() -> dict[str, dict]:
 def test_manifests_validate_offline_against_pinned_kubernetes(version):
     found = manifests()
     assert set(found) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"}
-    for kind, document in found.items():
+    for document in found.values():
         kubernetes_validate.validate(document, version, strict=True)
     broken = copy.deepcopy(found["Deployment"])
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["periodSecond"] = 10  # a typo

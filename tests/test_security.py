@@ -27,7 +27,7 @@ from export.signing import SIGNATURE_NAME, SignatureError, create_key_pair
 from export.verify import ArchiveError, unpack, verify_archive
 from serve.client import Server, read_properties
 from serve.process import free_ports, write_config
-from tests.conftest import DATA_DIR, ROOT, report, run_module
+from tests.helpers import DATA_DIR, ROOT, report, run_module
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,7 @@ def refuse_model_loading(monkeypatch):
     monkeypatch.setattr(onnxruntime, "InferenceSession", forbidden)
 
 
+@pytest.mark.slow
 def test_the_signed_archive_verifies_and_carries_its_signature(tiny, signing_keys):
     with zipfile.ZipFile(tiny.mar) as mar:
         names = mar.namelist()
@@ -105,6 +106,7 @@ def test_the_signed_archive_verifies_and_carries_its_signature(tiny, signing_key
     assert bundle == load_bundle(tiny.build_dir)
 
 
+@pytest.mark.slow
 def test_an_edited_handler_is_refused_by_name(tiny, signing_keys, tmp_path, refuse_model_loading):
     with zipfile.ZipFile(tiny.mar) as mar:
         handler = mar.read("mnist_handler.py")
@@ -114,6 +116,7 @@ def test_an_edited_handler_is_refused_by_name(tiny, signing_keys, tmp_path, refu
         verify_archive(edited, signing_keys.public)
 
 
+@pytest.mark.slow
 def test_a_swapped_model_with_recomputed_hashes_is_refused(tiny, signing_keys, tmp_path,
                                                           refuse_model_loading):
     """The attack the SHA-256 in bundle.json alone cannot stop: swap the model and fix bundle.json."""
@@ -129,6 +132,7 @@ def test_a_swapped_model_with_recomputed_hashes_is_refused(tiny, signing_keys, t
     assert "model.pt" in str(refused.value) and BUNDLE_FILE in str(refused.value)
 
 
+@pytest.mark.slow
 def test_an_added_or_removed_file_is_refused_by_name(tiny, signing_keys, tmp_path, refuse_model_loading):
     added = rewrite(tiny.mar, tmp_path / "added.mar", add={"contract/sitecustomize.py": b"print(1)\n",
                                                                 ".gitattributes": b"* binary\n"})
@@ -140,6 +144,7 @@ def test_an_added_or_removed_file_is_refused_by_name(tiny, signing_keys, tmp_pat
         verify_archive(removed, signing_keys.public)
 
 
+@pytest.mark.slow
 def test_another_signer_or_no_signature_is_refused(tiny, signing_keys, tmp_path, refuse_model_loading):
     _, stranger = create_key_pair(tmp_path / "stranger")
     with pytest.raises(SignatureError, match="not signed by the configured public key"):
@@ -149,6 +154,7 @@ def test_another_signer_or_no_signature_is_refused(tiny, signing_keys, tmp_path,
         verify_archive(unsigned, signing_keys.public)
 
 
+@pytest.mark.slow
 def test_with_no_public_key_configured_it_says_so(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(signing.PUBLIC_KEY_ENV, "")
     monkeypatch.setattr(signing, "KEY_DIR", tmp_path / "no-keys-here")
@@ -167,6 +173,7 @@ def test_paths_out_of_the_archive_are_refused(tmp_path, name):
     assert not (tmp_path / "outside.py").exists()
 
 
+@pytest.mark.slow
 def test_duplicate_entries_are_refused(tiny, tmp_path):
     """ZipInputStream (TorchServe) keeps the last copy of a repeated name, zipfile the first."""
     with zipfile.ZipFile(tiny.mar) as mar:
@@ -225,6 +232,7 @@ def measure_peak_rss_mib(mar: Path, dest: Path):
     return result
 
 
+@pytest.mark.slow
 def test_verify_on_the_command_line_names_the_file(tiny, tmp_path):
     with zipfile.ZipFile(tiny.mar) as mar:
         handler = mar.read("mnist_handler.py")
@@ -251,6 +259,7 @@ def serve(*args, workdir: Path, config: Path, check=True, env=None):
                       timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_tampered_archive_before_torchserve_starts(tiny, tmp_path):
     with zipfile.ZipFile(tiny.mar) as mar:
         handler = mar.read("mnist_handler.py")
@@ -265,6 +274,8 @@ def test_serve_refuses_a_tampered_archive_before_torchserve_starts(tiny, tmp_pat
     assert not (workdir / "key_file.json").exists() and not (workdir / "logs" / "private").exists()
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_serve_keeps_its_files_private_and_stop_waits_for_the_exit(tiny, tmp_path):
     workdir, config = tmp_path / "run", serve_config(tmp_path / "c.properties")
     serve("start", "--model-store", str(tiny.model_store), workdir=workdir, config=config)
@@ -326,6 +337,8 @@ def assert_concurrent_renewals_rotate_once(server: Server) -> None:
     assert stat.S_IMODE(server.key_file.stat().st_mode) == 0o600  # still private after the rewrite
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_the_suite_servers_key_file_is_private(torchserve, server):
     """TorchServeProcess (the tests' and benchmarks' servers) starts TorchServe with umask 077 too."""
     assert stat.S_IMODE(server.key_file.stat().st_mode) == 0o600
@@ -409,6 +422,7 @@ def test_a_kill_at_any_step_leaves_build_consistent(tiny, tmp_path, stage, targe
     report(f"kill before {target} #{nth} in export {stage}: build/ {state}")
 
 
+@pytest.mark.slow
 def test_archive_refuses_a_build_whose_hashes_do_not_match(tiny, tmp_path):
     from export.main import checked_build
     build = tmp_path / "build"

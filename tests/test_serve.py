@@ -15,13 +15,10 @@ import requests
 from urllib3 import encode_multipart_formdata
 
 from tests import hostile
-from tests.conftest import encode_image, png_bytes, report
+from tests.helpers import encode_image, png_bytes, report, worker_pids
 
-
-def worker_pids(server) -> list[int]:
-    return sorted(w["pid"] for w in server.describe()["workers"])
-
-
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_response_format(server, test_pngs, artifacts):
     response = server.predict(test_pngs[0][0], "image/png")
     assert response.status_code == 200
@@ -35,6 +32,8 @@ def test_response_format(server, test_pngs, artifacts):
     assert all(float(np.float32(v)) == v for v in p), "probabilities must keep full float32 precision"
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, mode, kw", [
     ("PNG", None, {}), ("PNG", "RGB", {}), ("PNG", "RGBA", {}), ("PNG", "P", {}),
     ("JPEG", None, {"quality": 95}), ("BMP", None, {}), ("GIF", None, {}),
@@ -51,6 +50,8 @@ def test_image_formats_and_modes(server, fashion_test_set, fmt, mode, kw):
         np.testing.assert_allclose(answer["probabilities"], reference["probabilities"], atol=1e-6)
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_sixteen_bit_and_large_images(server, fashion_test_set):
     image = fashion_test_set.images[0].numpy()
     sixteen = encode_image(image.astype(np.uint16) * 257, "PNG")
@@ -60,6 +61,8 @@ def test_sixteen_bit_and_large_images(server, fashion_test_set):
         assert response.status_code == 200, response.text
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_json_bodies_match_the_image_bytes(server, test_pngs, fashion_test_set):
     png = test_pngs[0][0]
     reference = server.predict(png, "image/png").json()
@@ -71,6 +74,8 @@ def test_json_bodies_match_the_image_bytes(server, test_pngs, fashion_test_set):
         np.testing.assert_allclose(response.json()["probabilities"], reference["probabilities"], atol=1e-6)
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_tokens_are_required(server, test_pngs):
     url = f"{server.inference_url}/predictions/mnist"
     headers = {"Content-Type": "image/png"}
@@ -82,6 +87,8 @@ def test_tokens_are_required(server, test_pngs):
     assert response.status_code == 400 and "Token Authorization failed" in response.text
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_an_expired_inference_key_is_renewed_by_the_client(server, test_pngs):
     old = server.key("inference")
     new = server.renew_key("inference")
@@ -92,36 +99,6 @@ def test_an_expired_inference_key_is_renewed_by_the_client(server, test_pngs):
     assert server.predict(test_pngs[0][0], "image/png").status_code == 200
 
 
-def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
-    """(name, body, content type, expected status, words in the error)."""
-    rng = np.random.default_rng(7)
-    digit = np.zeros((28, 28), np.uint8)
-    digit[5:23, 9:19] = 200
-    png = encode_image(digit, "PNG")
-    bomb = hostile.png_declaring(20000, 20000)
-    pixels = digit.tolist()
-    return [
-        ("empty body", b"", "application/octet-stream", 400, "empty"),
-        ("truncated PNG", png[: len(png) // 2], "image/png", 400, "truncated"),
-        ("random bytes", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "application/octet-stream", 400, "not an image"),
-        ("decompression bomb", bomb, "image/png", 413, "decompression bomb"),
-        ("too many pixels", hostile.png_declaring(5000, 5000), "image/png", 413, "exceeds the limit"),
-        # refused by TorchServe's frontend (max_request_size) before the handler: no JSON body
-        ("over 1 MiB", rng.integers(0, 256, 1_100_000, dtype=np.uint8).tobytes(), "application/octet-stream", 413, None),
-        ("malformed JSON", b'{"pixels": [[1, 2', "application/json", 400, "malformed JSON"),
-        ("JSON array", b"[1, 2, 3]", "application/json", 400, "JSON object"),
-        ("NaN pixels", json.dumps({"pixels": [[float("nan")] * 28] * 28}).encode(), "application/json", 400, "NaN"),
-        ("pixels out of range", json.dumps({"pixels": [[256] * 28] * 28}).encode(), "application/json", 400, "0..255"),
-        ("negative pixels", json.dumps({"pixels": [[-3] * 28] * 28}).encode(), "application/json", 400, "0..255"),
-        ("wrong shape", json.dumps({"pixels": pixels[:20]}).encode(), "application/json", 400, "28 rows of 28"),
-        ("flat pixels", json.dumps({"pixels": sum(pixels, [])}).encode(), "application/json", 400, "flat list"),
-        ("string pixels", json.dumps({"pixels": [["1"] * 28] * 28}).encode(), "application/json", 400, "no strings"),
-        ("bad base64", b'{"image": "%%%"}', "application/json", 400, "base64"),
-        ("base64 of garbage", json.dumps({"image": base64.b64encode(b"garbage").decode()}).encode(), "application/json", 400, "not an image"),
-        ("unknown keys", b'{"img": "x"}', "application/json", 400, "exactly one"),
-        ("plain text", b"hello", "text/plain", 400, "got text that is not an image"),
-        ("form post", b"a=b", "application/x-www-form-urlencoded", 400, "Content-Type"),
-    ]
 
 
 def strict_json(text: str):
@@ -136,12 +113,14 @@ def worker_cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_bad_requests_get_4xx_and_never_hurt_the_worker_or_their_batch(server, test_pngs):
     """Every class of odd and hostile input, concurrently and mixed with good requests."""
     pids = worker_pids(server)
     good = test_pngs[0][:48]
     expected_good = [server.predict(png, "image/png").json()["label"] for png in good]
-    cases = [hostile.Case(*case) for case in bad_requests()] + hostile.bad_cases() + hostile.good_cases()
+    cases = [hostile.Case(*case) for case in hostile.bad_requests()] + hostile.bad_cases() + hostile.good_cases()
     jobs = [("case", case) for case in cases] + [("good", (i, png)) for i, png in enumerate(good)]
     np.random.default_rng(0).shuffle(jobs)
 
@@ -183,6 +162,8 @@ MEMORY_BOUND = 100 * 10**6  # extra worker memory one request may cost (bytes)
 CPU_BOUND = 1.0  # worker CPU seconds one request may cost
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_each_hostile_request_costs_the_worker_little(server):
     """One at a time, so that the worker's peak RSS and CPU time belong to that request alone."""
     pids = worker_pids(server)
@@ -212,6 +193,8 @@ def post(server, body: bytes, headers: dict, params=None) -> requests.Response:
                          params=params, timeout=30)
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_lenient_where_users_are(server, test_pngs):
     png, other = test_pngs[0][0], test_pngs[0][1]
     reference = server.predict(png, "image/png").json()
@@ -253,6 +236,8 @@ def netty_refuses_form(data: bytes) -> bool:
     return bool(bad_escape.search(head)) or (b"=" in tail and bool(bad_escape.search(tail)))
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_form_post_of_a_binary_file(server, test_pngs, tmp_path):
     """TorchServe's frontend parses a form post before the handler sees it (Netty's
@@ -296,6 +281,8 @@ def test_request_body_rules():
             request_body(row, content_type, {})
 
 
+@pytest.mark.torchserve
+@pytest.mark.slow
 def test_shipped_configuration_starts_one_worker_per_core_or_gpu(server):
     """handlers/model-config.yaml and config.properties leave the worker count to TorchServe,
     which starts one per GPU, or one per usable core without GPUs (each with one torch thread)."""

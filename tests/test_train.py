@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import DATA_DIR, run_module
+from tests.helpers import DATA_DIR, ROOT, TRAIN, launched, run_module, torchrun
 from train.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from train.data import IDX_FILES, DataUnavailable, ensure_dataset, hold_out, load_split
 from train.distributed import Group
@@ -20,6 +20,7 @@ def train(checkpoint_dir, *extra):
                       "--checkpoint-dir", str(checkpoint_dir), *SMALL, *extra)
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_plain_data_and_what_export_needs(artifacts):
     state = torch.load(artifacts.checkpoint_dir / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and state["architecture"] == "convnet"
@@ -70,6 +71,7 @@ def test_the_validation_set_is_fixed_by_the_seed_and_never_trained_on(fashion_te
         hold_out(whole, 0, seed=1)
 
 
+@pytest.mark.slow  # trains
 def test_best_pt_is_chosen_on_validation_not_on_test(tmp_path):
     """The test labels are shifted by one class here, so that test accuracy no longer follows
     learning: best.pt must still follow the validation set."""
@@ -92,6 +94,7 @@ def test_best_pt_is_chosen_on_validation_not_on_test(tmp_path):
     assert [float(r["test_accuracy"]) for r in rows] == [h["test_accuracy"] for h in history]
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("recipe", ["seed", "fast"])
 def test_resume_is_bit_exact(tmp_path, recipe):
     # fast: one-cycle schedule state and the random flips must resume exactly too
@@ -149,6 +152,7 @@ def test_pickled_objects_are_refused(tmp_path):
     assert not (tmp_path / "b" / "model.pt").exists()
 
 
+@pytest.mark.slow  # trains
 def test_mnist_from_gzipped_idx_files(tmp_path):
     """`--dataset mnist` trains from the four IDX files in <data>/MNIST/raw, gzipped here.
     (Fashion-MNIST's files stand in: same format; MNIST cannot be downloaded here.)"""
@@ -220,12 +224,12 @@ def fault(real, state, path):
 def train_with_fault(fault: str, checkpoint_dir, *extra):
     import subprocess
     import sys
-    from tests.conftest import ROOT
     return subprocess.run([sys.executable, "-c", WRAPPED_TRAIN, fault, "--dataset", "fashion-mnist",
                            "--data-dir", str(DATA_DIR), "--checkpoint-dir", str(checkpoint_dir), *SMALL, *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # trains
 def test_a_kill_between_last_and_best_is_repaired_from_last(tmp_path):
     killed = train_with_fault(KILL_AFTER_LAST_OF_AN_IMPROVED_EPOCH, tmp_path, "--epochs", "3", "--lr", "0.05")
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -240,6 +244,7 @@ def test_a_kill_between_last_and_best_is_repaired_from_last(tmp_path):
     assert best["metrics"] == last["history"][-1]
 
 
+@pytest.mark.slow  # trains
 def test_a_full_disk_keeps_the_previous_checkpoints(tmp_path):
     failed = train_with_fault(DISK_FULL_IN_EPOCH_2, tmp_path, "--epochs", "2")
     assert failed.returncode not in (0, -9)
@@ -320,7 +325,6 @@ def test_nodes_without_a_shared_folder_resume_from_rank_0s_state(tmp_path):
     """Two nodes on loopback, each with its own checkpoint folder: only node 0's holds last.pt.
     Rank 0 decides what to resume and hands the state over; node 1 never reads its folder."""
     from serve.process import free_ports
-    from tests.test_distributed import TRAIN, launched, torchrun
     limits = ["--train-limit", "3000", "--test-limit", "500"]
     run_module("train", *TRAIN[2:], *limits, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "node0"))
     (tmp_path / "node1").mkdir()

@@ -27,7 +27,9 @@ from PIL import Image
 from contract import TOLERANCE
 from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, decode, preprocess, preprocess_framed
-from tests.conftest import ROOT, encode_image, report, run_module
+from tests.helpers import ROOT, encode_image, report, run_module
+
+pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -174,6 +176,8 @@ def transparent_drawing(image28: np.ndarray, colour, size: int = 140) -> bytes:
     return encode_image(rgba)
 
 
+@pytest.mark.torchserve
+@pytest.mark.browser
 def test_dropped_test_images_match_python_onnxruntime(page, reference, test_pngs):
     pngs, labels = test_pngs
     worst, correct = 0.0, 0
@@ -195,6 +199,8 @@ def test_dropped_test_images_match_python_onnxruntime(page, reference, test_pngs
     report(f"web: 41 real test PNGs through the page, max |dp| vs Python onnxruntime {worst:.1e}")
 
 
+@pytest.mark.torchserve
+@pytest.mark.browser
 def test_other_sizes_and_modes_match_python(page, reference, fashion_test_set):
     worst = 0.0
     for what, data in odd_images(fashion_test_set).items():
@@ -203,6 +209,8 @@ def test_other_sizes_and_modes_match_python(page, reference, fashion_test_set):
     report(f"web: resized, RGB, RGBA, palette, 1-bit, photo-like, transparent and JPEG images, max |dp| vs Python onnxruntime {worst:.1e}")
 
 
+@pytest.mark.torchserve
+@pytest.mark.browser
 def test_framing_choice_matches_python(page, reference, fashion_test_set, test_pngs):
     """The page's framing choice (auto, on, off) gives Python's answer for the same choice."""
     photo = photo_like(fashion_test_set.images[300].numpy())
@@ -227,6 +235,8 @@ JS_PREPROCESS = """async ([b64, bundle, via]) => {
     return {input: Array.from(out.input), framing: out.framing, decodedWith: out.decodedWith}; }"""
 
 
+@pytest.mark.torchserve
+@pytest.mark.browser
 def test_preprocessing_module_matches_python(page, artifacts, fashion_test_set):
     """web/preprocessing.js and web/framing.js against contract/: the decoded RGBA bit for bit
     over every colour/alpha pair, luminance bit for bit on the 2D-canvas fallback too, and the
@@ -310,6 +320,8 @@ SHAPES = {
 }
 
 
+@pytest.mark.torchserve
+@pytest.mark.browser
 @pytest.mark.parametrize("expected", sorted(SHAPES))
 def test_drawn_shapes(page, reference, artifacts, expected):
     (label, probabilities), _ = draw(page, SHAPES[expected])
@@ -323,6 +335,8 @@ def test_drawn_shapes(page, reference, artifacts, expected):
     assert max(seen) > 200, "the 28x28 view shows nothing of the drawing"
 
 
+@pytest.mark.torchserve
+@pytest.mark.browser
 def test_a_finger_draws_too(browser, web):
     """Touch goes through the same pointer events as the mouse: a tap leaves a dot and is classified."""
     context = browser.new_context(has_touch=True)
@@ -340,6 +354,8 @@ def test_a_finger_draws_too(browser, web):
     context.close()
 
 
+@pytest.mark.torchserve
+@pytest.mark.browser
 def test_server_answer_beside_the_browser_and_key_stays_on_the_server(browser, web, reference, server, test_pngs,
                                                                        tmp_path):
     page = open_page(browser, web)
@@ -370,6 +386,7 @@ def test_server_answer_beside_the_browser_and_key_stays_on_the_server(browser, w
     page.close()
 
 
+@pytest.mark.torchserve
 def test_proxy_refuses_other_sites_and_serves_only_the_page(web, server, test_pngs):
     png = test_pngs[0][0]
     ok = requests.post(web + "predict", data=png, headers={"Content-Type": "application/octet-stream"}, timeout=30)
@@ -399,6 +416,8 @@ def test_proxy_refuses_other_sites_and_serves_only_the_page(web, server, test_pn
     assert not_an_image.status_code == 400 and "error" in not_an_image.json()
 
 
+@pytest.mark.torchserve
+@pytest.mark.browser
 def test_bad_file_is_explained_and_the_page_goes_on(page, reference, test_pngs):
     page.click('[data-testid="clear"]')
     page.set_input_files('[data-testid="file-input"]',
@@ -412,6 +431,8 @@ def test_bad_file_is_explained_and_the_page_goes_on(page, reference, test_pngs):
     assert page.is_hidden('[data-testid="error"]')
 
 
+@pytest.mark.torchserve
+@pytest.mark.browser
 def test_page_works_offline_weight_and_time_to_first_prediction(browser, web, test_pngs):
     """Every request goes to the page's own server (no CDN): the page works with the network
     unplugged. Measures what the page downloads and how long it takes to answer."""

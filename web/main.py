@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from contract.paths import ROOT
 from serve.client import Server
 from web.server import SetupError, make_server
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> None:
