@@ -54,6 +54,7 @@ from train.checkpoint import CheckpointError, load_checkpoint, load_model, recon
 from train.data import DataUnavailable, ensure_dataset, load_split
 
 ONNX_OPSET = 18
+ONNX_FILE = formats.FILES["onnx"]  # packed into every archive, whatever format it serves
 INPUT_NAME, OUTPUT_NAME = "input", "log_probs"  # recorded in bundle.json; runtimes ask the model
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,11 +290,16 @@ def archive(args) -> Path:
                         ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(build_dir / BUNDLE_FILE, stage / BUNDLE_FILE)
         served = record["file"]
+        # model.onnx travels in every archive: the Open Inference Protocol server (oip/) runs it
+        # with onnxruntime from the same signed file, whatever format TorchServe serves.
+        if served != ONNX_FILE:
+            shutil.copy2(build_dir / ONNX_FILE, stage / ONNX_FILE)
         shutil.copy2(build_dir / served, Path(tmp) / served)
         # What is packed is checked once more after copying: a file changed meanwhile is refused.
         bundle = load_bundle(stage / BUNDLE_FILE)
-        if sha256_file(Path(tmp) / served) != bundle["files"][served]["sha256"]:
-            raise SystemExit(f"[export] {build_dir / served} changed while archiving: run `make export`")
+        for name, path in ((served, Path(tmp) / served), (ONNX_FILE, stage / ONNX_FILE)):
+            if path.exists() and sha256_file(path) != bundle["files"][name]["sha256"]:
+                raise SystemExit(f"[export] {build_dir / name} changed while archiving: run `make export`")
         command = [archiver_command(),
                    "--model-name", MODEL_NAME, "--version", args.version,
                    "--serialized-file", str(Path(tmp) / record["file"]),
