@@ -97,6 +97,25 @@ def bind_to(host: str) -> None:
     grpc_server.aio = HostAio()
 
 
+class JsonWhenUndeclared:
+    """ASGI middleware: an infer body with neither a Content-Type nor an
+    Inference-Header-Content-Length is JSON, as the protocol says.
+
+    tritonclient's http client sends JSON bodies with no Content-Type; kserve 0.21 then takes the
+    body for binary tensors and answers 400 "the 'inference-header-content-length' header is
+    missing"."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
+            names = {name.lower() for name, _ in scope["headers"]}
+            if not names & {b"content-type", b"inference-header-content-length"}:
+                scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def serve(args) -> None:
     mar = args.model_store.resolve() / f"{MODEL_NAME}.mar"
     if not mar.exists():
@@ -116,6 +135,7 @@ def serve(args) -> None:
               f"{args.http_port}/v2, gRPC {args.host}:{args.grpc_port}", flush=True)
         bind_to(args.host)
         kserve.model_server.app.add_exception_handler(TooLarge, too_large_handler)
+        kserve.model_server.app.add_middleware(JsonWhenUndeclared)
         ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
                     enable_docs_url=False, enable_latency_logging=False).start([model])
     finally:
