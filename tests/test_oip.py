@@ -146,9 +146,9 @@ BAD_REST = {
     "values out of range": ([{"name": "pixels", "datatype": "UINT8", "shape": [1, 28, 28], "data": [300] * 784}],
                             400, "does not match its datatype UINT8"),
     "too few values": ([{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0, 1.0]}],
-                       400, "values"),
+                       400, "does not match its datatype FP32 and shape [1, 1, 28, 28]"),
     "garbage bytes": ([{"name": "image", "datatype": "BYTES", "shape": [1],
-                        "data": [base64.b64encode(b"this is not an image").decode()]}],
+                        "data": [base64.b64encode(b"qwerty garbage").decode()]}],
                       400, "not an image"),
     "oversize image": ([{"name": "image", "datatype": "BYTES", "shape": [1],
                          "data": [base64.b64encode(huge_png()).decode()]}], 413, "exceeds the limit"),
@@ -197,7 +197,7 @@ buffer = io.BytesIO(); Image.new("L", (60000, 1)).save(buffer, "PNG")
 cases = {
     "wrong shape": ("mnist", tensor("input", "FP32", np.zeros((1, 28, 28), np.float32))),
     "wrong datatype": ("mnist", tensor("input", "INT32", np.zeros((1, 1, 28, 28), np.int32))),
-    "garbage bytes": ("mnist", tensor("image", "BYTES", np.array([b"not an image"], dtype=object))),
+    "garbage bytes": ("mnist", tensor("image", "BYTES", np.array([b"\x00\x01garbage\xff"], dtype=object))),
     "oversize image": ("mnist", tensor("image", "BYTES", np.array([buffer.getvalue()], dtype=object))),
     "unknown model": ("nope", tensor("image", "BYTES", np.array([png], dtype=object))),
 }
