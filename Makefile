@@ -3,6 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PEERS_VENV := .venv-peers
+OIP_VENV := .venv-oip
 PYTHON ?= $(VENV)/bin/python
 DATASET ?= auto
 EPOCHS ?= 10
@@ -18,7 +19,7 @@ VARIANT ?= cpu
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean test-fast lint format
+.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean test-fast lint format oip-venv serve-oip stop-oip
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -68,7 +69,7 @@ predict: install  ## send IMG=path (one or more) to the running server with the 
 stop:  ## stop the TorchServe started by `make serve`; returns when it has exited
 	-$(PYTHON) -m serve stop
 
-test: install  ## every test: TorchServe, nginx, chromium, training (GPU tests skip, saying why, where there is no GPU)
+test: install oip-venv  ## every test: TorchServe, nginx, chromium, training (GPU tests skip, saying why, where there is no GPU)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-gpu:  ## the GPU tests alone; PYTHON=python3 on hosts that bring their own PyTorch
@@ -116,3 +117,18 @@ lint: install  ## ruff check (whole tree) and mypy (contract/), as configured in
 
 format:  ## ruff format the whole tree (pyproject.toml's style); `make lint` does not check it yet
 	$(PYTHON) -m ruff format .
+
+# The Open Inference Protocol (KServe v2): KServe's ModelServer on the archive's model.onnx, in a
+# venv of its own (kserve's and tritonclient's gRPC stubs need protobuf < 7, the main venv has 7).
+oip-venv: $(OIP_VENV)/.installed  ## .venv-oip: kserve, tritonclient, onnxruntime (oip/requirements.txt)
+
+$(OIP_VENV)/.installed: oip/requirements.txt
+	[ -x $(OIP_VENV)/bin/python ] || python3 -m venv $(OIP_VENV)
+	$(OIP_VENV)/bin/python -m pip install -q --disable-pip-version-check -r oip/requirements.txt
+	touch $@
+
+serve-oip: oip-venv  ## verify the archive, serve it over the Open Inference Protocol (REST OIP_HTTP_PORT=8085, gRPC OIP_GRPC_PORT=8086); returns when ready
+	$(OIP_VENV)/bin/python -m oip start
+
+stop-oip:  ## stop the server `make serve-oip` started; returns when it has exited
+	@if [ -x $(OIP_VENV)/bin/python ]; then $(OIP_VENV)/bin/python -m oip stop; else echo "[oip] not running (no $(OIP_VENV))"; fi

@@ -31,6 +31,11 @@ cat "$root/config.properties" "$root/deploy/container.properties" >"$ctx/app/con
 cp "$root/metrics.yaml" "$root/deploy/entrypoint.sh" "$ctx/app/"
 cp "$root"/serve/{__init__,client,probe}.py "$ctx/app/serve/"
 cp "$root"/contract/*.py "$ctx/app/contract/"
+# The oip mode: its server and the archive verification it runs at every start.
+mkdir -p "$ctx/app/oip" "$ctx/app/export"
+cp "$root"/oip/{__init__,__main__,main,model}.py "$ctx/app/oip/"
+cp "$root"/export/{__init__,verify,signing}.py "$ctx/app/export/"
+cp "$root/oip/requirements.txt" "$ctx/requirements-oip.txt"
 cp "$mar" "$ctx/app/model_store/mnist.mar"
 chmod 0644 "$ctx/app/model_store/mnist.mar"  # the image's non-root user reads it, whatever its mode here
 cp "$root/deploy/Dockerfile" "$root/deploy/requirements-image.txt" "$ctx/"

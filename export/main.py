@@ -56,6 +56,7 @@ from train.data import DataUnavailable, ensure_dataset, load_split
 
 # What the handler imports besides TorchServe, torch and their dependencies: packed into the .mar.
 HANDLER_PACKAGES = ("contract", "formats")
+ONNX_FILE = formats.get("onnx").file  # packed into every archive, whatever format it serves
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -247,11 +248,16 @@ def archive(args) -> Path:
             shutil.copytree(ROOT / package, stage / package, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(build_dir / BUNDLE_FILE, stage / BUNDLE_FILE)
         served = record["file"]
+        # model.onnx travels in every archive: the Open Inference Protocol server (oip/) runs it
+        # with onnxruntime from the same signed file, whatever format TorchServe serves.
+        if served != ONNX_FILE:
+            shutil.copy2(build_dir / ONNX_FILE, stage / ONNX_FILE)
         shutil.copy2(build_dir / served, Path(tmp) / served)
         # What is packed is checked once more after copying: a file changed meanwhile is refused.
         bundle = load_bundle(stage / BUNDLE_FILE)
-        if sha256_file(Path(tmp) / served) != bundle["files"][served]["sha256"]:
-            raise SystemExit(f"[export] {build_dir / served} changed while archiving: run `make export`")
+        for name, path in ((served, Path(tmp) / served), (ONNX_FILE, stage / ONNX_FILE)):
+            if path.exists() and sha256_file(path) != bundle["files"][name]["sha256"]:
+                raise SystemExit(f"[export] {build_dir / name} changed while archiving: run `make export`")
         command = [archiver_command(),
                    "--model-name", MODEL_NAME, "--version", args.version,
                    "--serialized-file", str(Path(tmp) / record["file"]),

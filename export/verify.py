@@ -18,6 +18,7 @@ archive is imported or loaded before the signature holds.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import stat
 import struct
@@ -242,14 +243,21 @@ def self_test(bundle: dict, model_path: Path) -> tuple[int, float]:
 
 
 def verify_archive(mar: Path, public_key: Path | None = None, allow_unsigned: bool = False,
-                   run_self_test: bool = True) -> dict:
+                   run_self_test: bool = True, unpack_into: Path | None = None) -> dict:
     """Check `mar` can be trusted; raises BundleError (ArchiveError, SignatureError) naming what
-    is wrong. public_key None: the configured one (export/signing.py), if any."""
+    is wrong. public_key None: the configured one (export/signing.py), if any. unpack_into: a
+    folder that does not exist yet, where the checked files stay (a server that is not TorchServe
+    serves that copy, never the archive it could re-read after the check); None: a temporary one."""
     mar = Path(mar)
     if public_key is None:
         public_key = public_key_path()
-    with tempfile.TemporaryDirectory(prefix="mar-verify-") as tmp:
-        tree = Path(tmp) / "unpacked"
+    with contextlib.ExitStack() as cleanup:
+        if unpack_into is None:
+            tree = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mar-verify-"))) / "unpacked"
+        else:
+            tree = Path(unpack_into)
+            if tree.exists():
+                raise ArchiveError(f"{tree} exists already: archives are unpacked into a new folder only")
         names = unpack(mar, tree)
         try:
             signer = check_signature(tree, names, public_key, allow_unsigned)

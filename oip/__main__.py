@@ -1,0 +1,3 @@
+from oip.main import main
+
+main()
