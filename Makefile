@@ -18,7 +18,7 @@ VARIANT ?= cpu
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean
+.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean gateway stop-gateway
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -102,3 +102,9 @@ image-test: archive  ## build the CPU image and smoke-test it: healthy, REST ans
 
 clean:  ## remove build outputs (keeps data/, checkpoints/ and the venv)
 	rm -rf build model_store/*.mar logs key_file.json .pytest_cache
+
+gateway: install  ## the nginx gateway (deploy/gateway.nginx.conf) on loopback GATEWAY_PORT in front of TORCHSERVE_URL (default: make serve's); returns once it answers
+	$(PYTHON) -m serve.gateway start
+
+stop-gateway:  ## stop the gateway started by `make gateway`; returns once nginx has exited
+	$(PYTHON) -m serve.gateway stop
