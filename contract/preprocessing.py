@@ -269,11 +269,12 @@ def normalize(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
 def _check_declared_size(image: Image.Image, data: bytes) -> None:
     """Width, height and pixels as the file declares them, before any pixel is decoded."""
     _check_sides(image)
-    if jpeg_frame_is_progressive(data) is False:
+    if jpeg_frame_is_progressive(data) is False and not image.info.get("progressive"):
         # libjpeg scales a baseline JPEG down by up to 8 while decoding: the pixel limit applies
         # to that (progressive JPEGs keep every coefficient in memory, so theirs to the file's).
         # Decided from the bytes, so that every container of a JPEG stream (JFIF, EXIF, MPO)
-        # is treated alike, whatever name Pillow gives it.
+        # is treated alike, whatever name Pillow gives it (and only if Pillow's own reading of
+        # the frame header agrees).
         # The mode stays: decoding straight to "L" takes the JPEG's own luma, up to 10 grey levels
         # away from RGB -> L, which the browser page and every other decoder compute.
         image.draft(None, _scaled_to(*image.size, WORK_SIDE))
