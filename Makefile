@@ -19,7 +19,7 @@ VARIANT ?= cpu
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean test-fast lint format oip-venv serve-oip stop-oip
+.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean test-fast lint format oip-venv serve-oip stop-oip gateway stop-gateway
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -132,3 +132,9 @@ serve-oip: oip-venv  ## verify the archive, serve it over the Open Inference Pro
 
 stop-oip:  ## stop the server `make serve-oip` started; returns when it has exited
 	@if [ -x $(OIP_VENV)/bin/python ]; then $(OIP_VENV)/bin/python -m oip stop; else echo "[oip] not running (no $(OIP_VENV))"; fi
+
+gateway: install  ## the nginx gateway (deploy/gateway.nginx.conf) on loopback GATEWAY_PORT in front of TORCHSERVE_URL (default: make serve's); returns once it answers
+	$(PYTHON) -m serve.gateway start
+
+stop-gateway:  ## stop the gateway started by `make gateway`; returns once nginx has exited
+	$(PYTHON) -m serve.gateway stop

@@ -51,7 +51,8 @@ if command -v npm >/dev/null && [[ ! web/node_modules/.package-lock.json -nt web
   npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
 fi
 if ! command -v nginx >/dev/null; then
-  # tests/test_production.py runs the gateway (deploy/gateway.nginx.conf) in front of two replicas.
+  # The gateway (deploy/gateway.nginx.conf: make gateway, tests/test_gateway.py, test_production.py);
+  # plain nginx, no extra module.
   echo "[install] the gateway tests need nginx: apt-get install nginx"
   apt_install nginx || echo "[install] note: could not install nginx; the gateway and" \
     "rolling-update tests will fail saying so (Debian/Ubuntu: sudo apt-get install nginx)"

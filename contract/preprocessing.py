@@ -23,7 +23,9 @@ A request chooses framing "auto" (the default), "on" or "off" (the `framing` arg
 "framing" key in a JSON body); `preprocess_framed` also returns what was done.
 
 Cost per request is bounded by the limits below, checked before any pixel is decoded: the width
-and the height each, the pixel count, the number of JPEG scans. Pixels are then turned into grey
+and the height each, the pixel count, the number of JPEG scans. They are decided from the bytes,
+not from the name Pillow gives a file: a JPEG stream is one in every container (JFIF, EXIF, a
+multi-picture MPO as phones write it, a JPEG-compressed TIFF). Pixels are then turned into grey
 in strips of rows and block-averaged down to WORK_SIDE, so that working memory follows the pixels
 and never the square of the long side.
 
@@ -41,7 +43,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from contract import framing as framing_steps
 from contract import responses
@@ -60,6 +62,13 @@ ACCEPTED = ("image bytes (PNG, JPEG, BMP, GIF, WebP, TIFF), JSON {\"image\": \"<
             "or JSON {\"pixels\": [[...]]}")
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
 Image.init()  # every plugin registered, so that a refused format can be named
+# PNG text chunks (tEXt, zTXt, iTXt) are metadata the model never sees, yet Pillow inflates them
+# when it opens the file, up to 64 MiB by default: a 1 MiB body of zTXt bombs cost that much
+# memory. Pillow's own limit, lowered for every PNG this process opens; one chunk (an ICC profile
+# is inflated under the same limit) may still reach Pillow's 1 MiB.
+PngImagePlugin.MAX_TEXT_CHUNK = 1 << 20
+PngImagePlugin.MAX_TEXT_MEMORY = 1 << 21
+_PNG_TEXT_LIMITS = ("Decompressed data too large", "Too much memory used in text chunks")
 
 
 class InvalidInput(ValueError):
@@ -176,6 +185,8 @@ def decode(data: bytes) -> DecodedImage:
         raise InvalidInput(f"body of {len(data)} bytes exceeds the {MAX_BODY_BYTES}-byte limit; "
                            "send a smaller image (the model sees 28x28 pixels)", 413)
     _check_declared_webp_size(data)  # libwebp allocates its canvas when the file is opened
+    if is_jpeg_stream(data):
+        _check_jpeg_scans(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd files: the answer says it
@@ -201,6 +212,10 @@ def decode(data: bytes) -> DecodedImage:
         raise InvalidInput("image needs more memory to decode than a request may use; "
                            "send a smaller image", 413) from None
     except Exception as error:  # any decoder fault is the file's: the worker and batch live on
+        if isinstance(error, ValueError) and str(error).startswith(_PNG_TEXT_LIMITS):
+            raise InvalidInput(f"PNG text chunks exceed {PngImagePlugin.MAX_TEXT_MEMORY} bytes "
+                               f"once inflated ({_clip(str(error))}); strip the metadata (e.g. "
+                               "save the image again without it)", 413) from None
         raise InvalidInput(f"image is truncated or corrupt ({type(error).__name__}: "
                            f"{_clip(str(error))}); send the complete file") from None
 
@@ -254,20 +269,62 @@ def normalize(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
 # --- limits, checked on what the file declares ------------------------------------------------
 
 def _check_declared_size(image: Image.Image, data: bytes) -> None:
-    """Width, height, pixels and scans as the file declares them, before any pixel is decoded."""
+    """Width, height and pixels as the file declares them, before any pixel is decoded."""
     _check_sides(image)
-    if image.format == "JPEG" and not image.info.get("progressive"):
-        # libjpeg scales baseline JPEGs down by up to 8 while decoding: the pixel limit applies
+    if jpeg_frame_is_progressive(data) is False and not image.info.get("progressive"):
+        # libjpeg scales a baseline JPEG down by up to 8 while decoding: the pixel limit applies
         # to that (progressive JPEGs keep every coefficient in memory, so theirs to the file's).
+        # Decided from the bytes, so that every container of a JPEG stream (JFIF, EXIF, MPO)
+        # is treated alike, whatever name Pillow gives it (and only if Pillow's own reading of
+        # the frame header agrees).
         # The mode stays: decoding straight to "L" takes the JPEG's own luma, up to 10 grey levels
         # away from RGB -> L, which the browser page and every other decoder compute.
         image.draft(None, _scaled_to(*image.size, WORK_SIDE))
     _check_size(image)
-    if image.format == "JPEG":
-        scans = data.count(b"\xff\xda")  # start-of-scan markers (0xFF is escaped in scan data)
-        if scans > MAX_JPEG_SCANS:
-            raise InvalidInput(f"JPEG with {scans} scans exceeds the limit of {MAX_JPEG_SCANS}; "
-                               "save it as a baseline JPEG or PNG", 413)
+    if image.format == "TIFF" and image.info.get("compression") in ("jpeg", "tiff_jpeg"):
+        _check_jpeg_scans(data)  # libtiff hands each strip to libjpeg: the same cost per scan
+
+
+def is_jpeg_stream(data: bytes) -> bool:
+    """A JPEG stream starts here (SOI and a marker): JFIF, EXIF, MPO, progressive, arithmetic."""
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def jpeg_frame_is_progressive(data: bytes) -> bool | None:
+    """Whether the first frame of a JPEG stream is progressive (SOF2, SOF6, SOF10, SOF14), read
+    by walking its marker segments; None when `data` is no JPEG stream or has no frame header
+    before its first scan. The page's decodeRgba (web/preprocessing.js) walks them alike."""
+    if not is_jpeg_stream(data):
+        return None
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            at += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return marker in (0xC2, 0xC6, 0xCA, 0xCE)
+        if marker in (0xDA, 0xD9):
+            return None
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return None
+
+
+def _check_jpeg_scans(data: bytes) -> None:
+    """Each progressive scan passes over the whole image: refuse many before decoding any.
+
+    Counted over the whole body (0xFF is escaped in scan data, so a start-of-scan marker cannot
+    hide there), which covers every picture of an MPO and every strip of a JPEG-compressed TIFF.
+    """
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise InvalidInput(f"JPEG with {scans} scans exceeds the limit of {MAX_JPEG_SCANS}; "
+                           "save it as a baseline JPEG or PNG", 413)
 
 
 def _check_size(image: Image.Image) -> None:

@@ -7,6 +7,7 @@ from Pillow's own encoders or by patching a real file's header; none is over the
 from __future__ import annotations
 
 import base64
+import io
 import json
 import struct
 import zlib
@@ -81,6 +82,52 @@ def jpeg_with_scans(count: int) -> bytes:
     return real[:-2] + scan * (count - real.count(b"\xff\xda")) + b"\xff\xd9"
 
 
+def mpo(frames: list[Image.Image], **kw) -> bytes:
+    """A multi-picture JPEG (CIPA DC-007), as phones write for HDR photos: Pillow's MPO writer."""
+    out = io.BytesIO()
+    frames[0].save(out, format="MPO", save_all=True, append_images=frames[1:], **kw)
+    return out.getvalue()
+
+
+def mpo_with_scans(count: int, side: int = 1024) -> bytes:
+    """A valid two-picture MPO whose first, progressive picture has `count` start-of-scan markers.
+
+    The first picture's last scan is repeated, and the MP index (its size, the second picture's
+    offset) is rewritten to match, so that the second picture is still found where it lies.
+    """
+    first = Image.fromarray(digit(side)).convert("RGB")
+    real = mpo([first, Image.new("RGB", (32, 32))], progressive=True)
+    with Image.open(io.BytesIO(real)) as image:
+        entries = image.mpinfo[0xB002]
+    first_size, second_offset = entries[0]["Size"], entries[1]["DataOffset"]
+    primary = real.index(struct.pack("<LLL", 0x030000, first_size, 0))  # the MP entries, as written
+    first, rest = real[:first_size], real[first_size:]
+    last = first.rindex(b"\xff\xda")
+    extra = first[last:-2] * (count - real.count(b"\xff\xda"))
+    patched = bytearray(first[:-2] + extra + b"\xff\xd9" + rest)
+    struct.pack_into("<L", patched, primary + 4, first_size + len(extra))
+    struct.pack_into("<L", patched, primary + 16 + 8, second_offset + len(extra))
+    return bytes(patched)
+
+
+def _exif_orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+def png_with_text_bombs(count: int) -> bytes:
+    """A 28x28 PNG carrying `count` zTXt chunks that each inflate to a MiB."""
+    real = encode_image(digit(), "PNG")
+    inflates = zlib.compress(b"a" * ((1 << 20) - 64), 9)
+    texts = b"".join(_png_chunk(b"zTXt", b"k%d\0\0" % i + inflates) for i in range(count))
+    return real[:33] + texts + real[33:]  # after IHDR: read when the file is opened
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
 def bmp_declaring(width: int, height: int) -> bytes:
     real = encode_image(Image.new("L", (4, 4)), "BMP")
     return real[:18] + struct.pack("<ii", width, height) + real[26:]
@@ -124,6 +171,12 @@ def good_cases() -> list[Case]:
         Case("4-megapixel RGBA PNG", png_of_size(2048, 2048, "RGBA"), "image/png", 200, None),
         Case("4-megapixel interlaced PNG", png_of_size(2048, 2048, "L", interlace=True), "image/png", 200, None),
         Case("8192x4096 baseline JPEG", encode_image(Image.new("L", (8192, 4096)), "JPEG", quality=10), "image/jpeg", 200, None),
+        Case("4000x3000 baseline MPO (phone photo)", mpo([Image.new("RGB", (4000, 3000), (20, 20, 20)), Image.new("RGB", (1000, 750))], quality=50), "image/jpeg", 200, None),
+        Case("EXIF-wrapped baseline JPEG", encode_image(Image.new("RGB", (4000, 3000)), "JPEG", quality=10, exif=_exif_orientation(6)), "image/jpeg", 200, None),
+        Case("progressive MPO", mpo([Image.fromarray(digit()).convert("RGB"), Image.new("RGB", (28, 28))], progressive=True), "image/jpeg", 200, None),
+        Case("JPEG-compressed TIFF", tiff(digit(), compression="jpeg"), "image/tiff", 200, None),
+        Case("APNG", animated("PNG", [digit(), 255 - digit()]), "image/png", 200, None),
+        Case("animated WebP", animated("WEBP", [digit(), 255 - digit()], lossless=True), "image/webp", 200, None),
         Case("4-megapixel progressive JPEG", encode_image(Image.new("RGB", (2048, 2048)), "JPEG", quality=10, progressive=True, subsampling=0), "image/jpeg", 200, None),
         Case("4-megapixel WebP", encode_image(Image.new("RGBA", (2048, 2048)), "WEBP", lossless=True), "image/webp", 200, None),
         Case("4-megapixel GIF", encode_image(Image.new("P", (2048, 2048)), "GIF"), "image/gif", 200, None),
@@ -147,6 +200,9 @@ def bad_cases() -> list[Case]:
         Case("WebP declaring 16000x16000", webp_declaring(16000, 16000), "image/webp", 413, "16000x16000"),
         Case("BMP declaring 8000x8000", bmp_declaring(8000, 8000), "image/bmp", 413, "pixels"),
         Case("JPEG with 80 scans", jpeg_with_scans(80), "image/jpeg", 413, "80 scans"),
+        Case("MPO with 1500 scans", mpo_with_scans(1500), "image/jpeg", 413, "1500 scans"),
+        Case("4000x3000 progressive MPO", mpo([Image.new("RGB", (4000, 3000)), Image.new("RGB", (8, 8))], quality=10, progressive=True), "image/jpeg", 413, "4000x3000 pixels"),
+        Case("PNG of zTXt bombs", png_with_text_bombs(900), "image/png", 413, "PNG text chunks exceed"),
         Case("float TIFF with NaN", tiff(nan_image), "image/tiff", 400, "NaN"),
         Case("float TIFF of infinity", tiff(inf_image), "image/tiff", 400, "NaN or infinity"),
         Case("float TIFF of 0..255", tiff(digit().astype(np.float32)), "image/tiff", 400, "0..1"),

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from contract.bundle import FORMAT_VERSION, Bundle, BundleError, load_bundle, write_bundle
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def a_bundle(**changes) -> dict:

@@ -1,10 +1,12 @@
 """Fuzz the one preprocessing function: no request body may produce anything but a model input
 or InvalidInput (400/413), and none may cost more than the bound the server promises.
 
-Hypothesis mutates real PNG, JPEG, GIF, TIFF, WebP, BMP and JSON bodies (bit flips, overwritten
-header fields, huge numbers, insertions, deletions, truncation, duplicated runs) and generates
-arbitrary JSON values. Derandomized, so that `make test` sees the same examples on every run
-(the first run also fills hypothesis' cache in .hypothesis/).
+Hypothesis mutates real PNG, JPEG, GIF, TIFF, WebP, BMP and JSON bodies, their containers
+included (APNG, EXIF-wrapped, progressive and multi-picture MPO JPEGs, JPEG-compressed and
+multi-page TIFF, animated GIF and WebP): bit flips, overwritten header fields, huge numbers,
+insertions, deletions, truncation, duplicated runs. It also generates arbitrary JSON values.
+Derandomized, so that `make test` sees the same examples on every run (the first run also fills
+hypothesis' cache in .hypothesis/).
 """
 from __future__ import annotations
 
@@ -32,18 +34,25 @@ FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=600
 def seeds() -> dict[str, list[bytes]]:
     d = hostile.digit()
     rgba = np.dstack([d, d, d, d])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # sideways, as phones save
     return {
         "PNG": [encode_image(d, "PNG"), encode_image(Image.fromarray(rgba, "RGBA"), "PNG"),
                 encode_image(Image.fromarray(d).convert("P"), "PNG"),
                 encode_image(Image.fromarray(d.astype(np.uint16) * 257), "PNG"),
-                hostile.png_of_size(64, 48, "L", interlace=True)],
+                hostile.png_of_size(64, 48, "L", interlace=True), hostile.animated("PNG", [d, 255 - d])],
         "JPEG": [encode_image(d, "JPEG", quality=90), encode_image(Image.fromarray(d).convert("RGB"), "JPEG", progressive=True),
-                 encode_image(Image.fromarray(d).convert("CMYK"), "JPEG")],
+                 encode_image(Image.fromarray(d).convert("CMYK"), "JPEG"),
+                 encode_image(Image.fromarray(d), "JPEG", exif=exif),
+                 hostile.mpo([Image.fromarray(d).convert("RGB"), Image.fromarray(255 - d).convert("RGB")]),
+                 hostile.mpo([Image.fromarray(d).convert("RGB"), Image.fromarray(d).convert("RGB")], progressive=True)],
         "GIF": [encode_image(d, "GIF"), hostile.animated("GIF", [d, 255 - d])],
         "TIFF": [hostile.tiff(d), hostile.tiff(d, compression="tiff_lzw"), hostile.tiff(d, compression="tiff_adobe_deflate"),
+                 hostile.tiff(d, compression="jpeg"),
                  hostile.tiff(d.astype(np.float32) / 255), hostile.animated("TIFF", [d, 255 - d])],
         "WEBP_BMP": [encode_image(d, "WEBP", lossless=True), encode_image(d, "WEBP", quality=80),
-                     encode_image(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True), encode_image(d, "BMP")],
+                     encode_image(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True), encode_image(d, "BMP"),
+                     hostile.animated("WEBP", [d, 255 - d], lossless=True)],
         "JSON": [json.dumps({"image": hostile.b64(encode_image(d, "PNG"))}).encode(),
                  json.dumps({"pixels": d.tolist()}).encode(),
                  json.dumps({"image": "data:image/png;base64," + hostile.b64(encode_image(d, "PNG"))}).encode()],

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 KSERVE_DIR = ROOT / "deploy" / "kserve"
 SCHEMA = json.loads((KSERVE_DIR / "schema" / "inferenceservice-v1beta1.json").read_text())

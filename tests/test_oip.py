@@ -21,7 +21,7 @@ from PIL import Image
 from contract import TOLERANCE
 from serve.process import free_ports
 from tests import runtimes
-from tests.conftest import ROOT, report
+from tests.helpers import ROOT, report
 
 pytestmark = pytest.mark.oip
 OIP_PYTHON = ROOT / ".venv-oip" / "bin" / "python"

@@ -24,6 +24,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from contract import TOLERANCE
+from serve import gateway
 from serve.client import read_properties
 from serve.process import TorchServeProcess, free_ports
 from tests.helpers import ROOT, BackgroundClients, encode_image, report, run_module, tampered_copy
@@ -148,7 +149,6 @@ def test_tampered_model_is_live_but_never_ready_and_a_stopped_server_is_neither(
 
 # ---------------------------------------------------------------- the gateway: one token, N replicas
 
-GATEWAY_CONF = ROOT / "deploy" / "gateway.nginx.conf"
 TOKEN_OFF = {"disable_token_authorization": "true"}  # as deploy/container.properties sets it
 
 
@@ -157,16 +157,16 @@ class Gateway:
 
     def __init__(self, run_dir, token: str):
         self.run, self.token = run_dir, token
-        self.port = free_ports(1)[0]
+        self.ports = free_ports(3)  # inference, management, metrics
+        self.port = self.ports[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def write_config(self, replicas) -> None:
-        upstreams = " ".join(f"server {urlsplit(r.server.inference_url).netloc};" for r in replicas)
-        text = (GATEWAY_CONF.read_text().replace("@RUN@", str(self.run))
-                .replace("@LISTEN@", f"127.0.0.1:{self.port}").replace("@TOKEN@", self.token)
-                .replace("@UPSTREAMS@", upstreams))
-        (self.run / "nginx.conf").write_text(text)
+        listen = {role: f"127.0.0.1:{port}" for role, port in zip(("inference", "management", "metrics"), self.ports)}
+        upstreams = {role: [urlsplit(getattr(r.server, f"{role}_url")).netloc for r in replicas]
+                     for role in listen}
+        (self.run / "nginx.conf").write_text(gateway.render(self.run, self.token, listen, upstreams))
 
     def nginx(self, *args: str) -> list[str]:
         return ["nginx", "-p", str(self.run), "-c", str(self.run / "nginx.conf"), *args]

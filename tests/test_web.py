@@ -27,6 +27,7 @@ from PIL import Image
 from contract import TOLERANCE
 from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, decode, preprocess, preprocess_framed
+from tests import hostile
 from tests.helpers import ROOT, encode_image, report, run_module
 
 pytestmark = pytest.mark.slow
@@ -147,6 +148,10 @@ def odd_images(fashion_test_set):
         "photo-like PNG 1100x825": encode_image(Image.open(io.BytesIO(photo_like(images[0]))).resize(
             (1100, 825), Image.Resampling.BICUBIC)),
         "transparent drawing 600x600": transparent_drawing(images[7], (0, 0, 0), size=600),
+        # what phones write (a multi-picture JPEG): its first picture, decoded as a JPEG (under
+        # 512 pixels: the server's decoder scales larger JPEGs by DCT, the page by block means)
+        "MPO phone photo 448x336": hostile.mpo([Image.open(io.BytesIO(photo_like(images[0]))).convert("RGB").resize(
+            (448, 336), Image.Resampling.BICUBIC), Image.new("RGB", (112, 84))], quality=92),
     }
 
 

@@ -12,6 +12,7 @@ export const MAX_BODY_BYTES = 1 << 20; // contract.preprocessing.MAX_BODY_BYTES
 export const MAX_SIDE = 8192; // contract.preprocessing.MAX_SIDE: width and height each
 export const MAX_PIXELS = 1 << 22; // contract.preprocessing.MAX_PIXELS (a baseline JPEG is scaled first)
 export const WORK_SIDE = 512; // contract.preprocessing.WORK_SIDE: larger images are block-averaged
+export const MAX_JPEG_SCANS = 64; // contract.preprocessing.MAX_JPEG_SCANS: each scan passes over the image
 
 export class InvalidInput extends Error {
   constructor(message, status = 400) {
@@ -68,14 +69,46 @@ function readWith2D(bitmap) {
   return context.getImageData(0, 0, bitmap.width, bitmap.height).data;
 }
 
-/** A JPEG without a progressive start-of-frame marker (SOF2, SOF6, SOF10, SOF14). */
-function isBaselineJpeg(bytes) {
-  const b = new Uint8Array(bytes.buffer ?? bytes, bytes.byteOffset ?? 0, bytes.byteLength);
-  if (b[0] !== 0xff || b[1] !== 0xd8) return false;
-  for (let i = 2; i + 1 < b.length; i++) {
-    if (b[i] === 0xff && [0xc2, 0xc6, 0xca, 0xce].includes(b[i + 1])) return false;
+function asBytes(bytes) {
+  return new Uint8Array(bytes.buffer ?? bytes, bytes.byteOffset ?? 0, bytes.byteLength);
+}
+
+/** A JPEG stream starts here: JFIF, EXIF, MPO, progressive, arithmetic (contract.preprocessing.is_jpeg_stream). */
+export function isJpegStream(bytes) {
+  const b = asBytes(bytes);
+  return b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff;
+}
+
+/**
+ * Whether the first frame of a JPEG stream is progressive (SOF2, SOF6, SOF10, SOF14), by walking
+ * its marker segments; null for no JPEG stream or no frame header before the first scan
+ * (contract.preprocessing.jpeg_frame_is_progressive). Decided from the bytes, so that an MPO
+ * (what phones write) is treated like the JPEG it holds.
+ */
+export function jpegFrameIsProgressive(bytes) {
+  if (!isJpegStream(bytes)) return null;
+  const b = asBytes(bytes);
+  let at = 2;
+  while (at + 4 <= b.length) {
+    if (b[at] !== 0xff) return null;
+    const marker = b[at + 1];
+    if (marker === 0xff) { at += 1; continue; } // fill byte
+    if (marker === 0x01 || (marker >= 0xd0 && marker <= 0xd8)) { at += 2; continue; } // no length
+    if (marker >= 0xc0 && marker <= 0xcf && ![0xc4, 0xc8, 0xcc].includes(marker)) {
+      return [0xc2, 0xc6, 0xca, 0xce].includes(marker);
+    }
+    if (marker === 0xda || marker === 0xd9) return null;
+    at += 2 + ((b[at + 2] << 8) | b[at + 3]);
   }
-  return true;
+  return null;
+}
+
+/** Start-of-scan markers in the whole body: every picture of an MPO (contract.preprocessing._check_jpeg_scans). */
+export function jpegScans(bytes) {
+  const b = asBytes(bytes);
+  let scans = 0;
+  for (let i = 0; i + 1 < b.length; i++) if (b[i] === 0xff && b[i + 1] === 0xda) scans++;
+  return scans;
 }
 
 /**
@@ -88,6 +121,9 @@ export async function decodeRgba(bytes, via = "webgl") {
   if (bytes.byteLength === 0) throw new InvalidInput("empty file: send an image (PNG, JPEG, BMP, GIF, WebP)");
   if (bytes.byteLength > MAX_BODY_BYTES) {
     throw new InvalidInput(`file of ${bytes.byteLength} bytes exceeds the ${MAX_BODY_BYTES}-byte limit; send a smaller image`, 413);
+  }
+  if (isJpegStream(bytes) && jpegScans(bytes) > MAX_JPEG_SCANS) {
+    throw new InvalidInput(`JPEG with ${jpegScans(bytes)} scans exceeds the limit of ${MAX_JPEG_SCANS}; save it as a baseline JPEG or PNG`, 413);
   }
   let bitmap;
   try {
@@ -102,9 +138,9 @@ export async function decodeRgba(bytes, via = "webgl") {
     if (Math.max(width, height) > MAX_SIDE) {
       throw new InvalidInput(`image of ${width}x${height} pixels exceeds the limit of ${MAX_SIDE} per side; downscale it first`, 413);
     }
-    // The server's decoder scales a baseline JPEG down while decoding, so only other images
-    // (progressive JPEGs included) meet the pixel limit at their full size.
-    if (width * height > MAX_PIXELS && !isBaselineJpeg(bytes)) {
+    // The server's decoder scales a baseline JPEG (in any container) down while decoding, so
+    // only other images (progressive JPEGs included) meet the pixel limit at their full size.
+    if (width * height > MAX_PIXELS && jpegFrameIsProgressive(bytes) !== false) {
       throw new InvalidInput(`image of ${width}x${height} pixels exceeds the limit of ${MAX_PIXELS} pixels; downscale it first`, 413);
     }
     const exact = via === "webgl" ? readWithWebGL(bitmap) : null;

@@ -4,7 +4,8 @@ GET  /                    the page (web/index.html and its modules)
 GET  /ort/<file>          onnxruntime-web's WASM build, from web/node_modules (npm ci; no CDN)
 GET  /model/model.onnx    the exported model and the bundle.json beside it (--build DIR)
 GET  /model/bundle.json
-POST /predict             the request body (and the X-Framing header), sent on to TorchServe's
+POST /predict             the request body (by Content-Length, or chunked within the same limit)
+                          and the X-Framing header, sent on to TorchServe's
                           /predictions/<model> with the inference key; only TorchServe's status
                           and JSON body come back
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -38,6 +40,25 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".wasm": "application/wasm", ".json": "application/json", ".onnx": "application/octet-stream"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
 FRAMING_HEADER = "X-Framing"  # the page's framing choice, passed on (the handler checks it)
+
+
+MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer
+MAX_TRAILER_LINES = 32
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\uffff]*")  # visible characters, spaces, tabs
+
+
+class ClientError(ValueError):
+    """The request itself is at fault; `status` is the HTTP code to answer."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def _too_large(length: int) -> ClientError:
+    return ClientError(f"body of {length} bytes exceeds the {MAX_BODY_BYTES}-byte limit; send a smaller image", 413)
 
 
 class SetupError(RuntimeError):
@@ -99,19 +120,84 @@ class PageHandler(BaseHTTPRequestHandler):
         if origin is not None and origin != f"http://{self.headers['Host']}":
             return self._send_json(403, responses.error(f"cross-origin request from {origin} refused", 403))
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            return self._send_json(400, responses.error("send the image with a valid Content-Length", 400))
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            return self._send_json(413, responses.error(
-                f"body of {length} bytes exceeds the {MAX_BODY_BYTES}-byte limit; send a smaller image", 413))
-        body = self.rfile.read(length)
+            body = self._read_body()
+        except ClientError as error:
+            self.close_connection = True  # what is left of the body cannot be trusted as a request
+            return self._send_json(error.status, responses.error(str(error), error.status))
         status, answer = self._ask_torchserve(body)
         self._send(status, answer, "application/json")
+
+    def parse_request(self) -> bool:
+        """The request line and headers, refusing malformed header lines with 400: a folded
+        (obs-fold) or control-character value would otherwise travel on to TorchServe, or fail
+        there and be blamed on it."""
+        if not super().parse_request():
+            return False
+        bad = [name for name, value in self.headers.items()
+               if not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value)]
+        if bad or self.headers.defects:
+            self.close_connection = True
+            what = f"header {bad[0]!r}" if bad else "header block"
+            self._send_json(400, responses.error(
+                f"malformed {what}: send each header on one line as `Name: value` (no folded lines, "
+                "no control characters)", 400))
+            return False
+        return True
+
+    def _read_body(self) -> bytes:
+        """The body by its Content-Length or, chunked, within the same MAX_BODY_BYTES limit."""
+        coding = self.headers.get("Transfer-Encoding")
+        if coding is not None:
+            if self.headers.get("Content-Length") is not None:
+                raise ClientError("send either Content-Length or Transfer-Encoding, not both", 400)
+            if coding.strip().lower() != "chunked":
+                raise ClientError(f"Transfer-Encoding {coding!r} is not supported: send the body "
+                                  "chunked or with a Content-Length", 501)
+            return self._read_chunked()
+        text = self.headers.get("Content-Length")
+        if text is None:
+            raise ClientError("send the image with a Content-Length or chunked", 411)
+        if not text.strip().isdigit():
+            raise ClientError("send the image with a valid Content-Length", 400)
+        length = int(text)
+        if length > MAX_BODY_BYTES:
+            raise _too_large(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise ClientError(f"the body ended after {len(body)} of {length} bytes", 400)
+        return body
+
+    def _read_chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+            size_text = line.split(b";", 1)[0].strip()
+            if len(line) > MAX_CHUNK_LINE or not line.endswith(b"\n") or not _CHUNK_SIZE.fullmatch(size_text):
+                raise ClientError("malformed chunked body: each chunk starts with its size in hex on a line", 400)
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            if len(body) + size > MAX_BODY_BYTES:
+                raise _too_large(len(body) + size)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise ClientError("malformed chunked body: a chunk is shorter than its size says", 400)
+            body += chunk
+        for _ in range(MAX_TRAILER_LINES):  # trailers, read and dropped; an empty line ends them
+            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                return bytes(body)
+            if not line or len(line) > MAX_CHUNK_LINE:
+                break
+        raise ClientError("malformed chunked body: no end after the last chunk", 400)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, too many headers) as the same JSON."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # a request line it could not read: answer 1.0
+            self.request_version = "HTTP/1.0"
+        text = message or self.responses.get(code, ("error",))[0]
+        self._send_json(code, responses.error(f"{text}: send a well-formed HTTP/1.1 request", code))
 
     def _ask_torchserve(self, body: bytes) -> tuple[int, bytes]:
         server = self.torchserve
@@ -125,6 +211,9 @@ class PageHandler(BaseHTTPRequestHandler):
             key = server.key("inference") if server.tokens else None
         except ServerError as error:
             return 503, _json(responses.error(str(error), 503))
+        except requests.exceptions.InvalidHeader as error:  # the client's header, not TorchServe
+            return 400, _json(responses.error(f"a header cannot be passed on ({error}): send plain "
+                                              "Content-Type and X-Framing values", 400))
         except requests.RequestException as error:
             return 502, _json(responses.error(f"TorchServe at {server.inference_url} did not answer "
                                               f"({type(error).__name__}): start it with `make serve`", 502))
