@@ -6,6 +6,7 @@ TorchServe (no key_file.json, no pid file), no handler code (its marker file is 
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 import subprocess
@@ -325,3 +326,78 @@ def test_make_keys_tightens_its_folder_or_refuses_one_it_cannot_trust(tmp_path):
     refused = run_module("export", "keys", check=False, env={"HOME": str(tmp_path / "home3")})
     assert refused.returncode != 0 and f"folder {above} is writable by its group and others" in refused.stderr
     assert not (above / "mnist-bundle").exists()
+
+
+# ---------------------------------------------------------------- 6. the container's start: verify, then become TorchServe
+
+def foreground(store: Path, workdir: Path, config: Path, *args: str, env=None) -> subprocess.Popen:
+    """`serve start --foreground` as the image's entrypoint runs it, in a process group of its own."""
+    log = open(workdir.parent / f"{workdir.name}.out", "wb")
+    return subprocess.Popen([sys.executable, "-m", "serve", "start", "--foreground", "--model-store", str(store),
+                             "--workdir", str(workdir), "--config", str(config), *args],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+
+
+@pytest.mark.torchserve
+def test_the_entrypoint_verifies_then_becomes_torchserve(tiny, tmp_path, state):
+    from serve.client import Server
+    from serve.process import stop_process_group
+    store, marker = tmp_path / "store", tmp_path / "handler-ran"
+    store.mkdir()
+    tampered = rewrite(tiny.mar, store / "mnist.mar", replace={"mnist_handler.py": marker_handler(tiny.mar, marker)})
+    config = serve_config(tmp_path / "c.properties")
+    refused = foreground(store, tmp_path / "refused", config, "--expect-sha256", sha256_file(tampered))
+    assert refused.wait(timeout=120) != 0
+    said = (tmp_path / "refused.out").read_text()
+    assert "refusing to serve" in said and "mnist_handler.py" in said and "[serve] exec" not in said, said
+    assert_torchserve_never_started(tmp_path / "refused")
+    assert not marker.exists()
+
+    (store / "mnist.mar").unlink()
+    (store / "mnist.mar").write_bytes(tiny.mar.read_bytes())
+    workdir = tmp_path / "run"
+    process = foreground(store, workdir, config, "--expect-sha256", sha256_file(store / "mnist.mar"))
+    try:
+        server = Server.from_config(config, workdir)
+        server.wait_until_ready(timeout=240, process=process, every_worker=True)
+        said = (tmp_path / "run.out").read_text()
+        assert "serving the verified read-only copy" in said and "[serve] exec" in said
+        assert process.poll() is None  # the verifying process became TorchServe: same pid, still running
+        assert state.highest("mnist").sha256 == sha256_file(tiny.mar)
+    finally:
+        stop_process_group(process)
+
+
+def test_the_manifest_pins_the_digest_and_mounts_the_key_the_image_trusts():
+    import yaml
+    deployment = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert len(env["EXPECTED_SHA256"]) == 64
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    key_path = Path(re.search(r"MNIST_SIGNING_PUBLIC_KEY=(\S+)", dockerfile).group(1))
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret_mounts = [m for m in mounts.values() if "secret" in volumes[m["name"]]]
+    assert [(m["mountPath"], m.get("readOnly")) for m in secret_mounts] == [(str(key_path.parent), True)]
+    secret = volumes[secret_mounts[0]["name"]]["secret"]
+    assert secret["defaultMode"] & 0o022 == 0  # writable by no one but root: check_public_key accepts it
+    assert [item["path"] for item in secret["items"]] == [key_path.name]
+    entrypoint = (ROOT / "deploy" / "entrypoint.sh").read_text()
+    assert "--expect-sha256 \"$EXPECTED_SHA256\"" in entrypoint and "serve start --foreground" in entrypoint
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_image_refuses_a_tampered_archive_at_start_and_serves_the_signed_one(tiny, signing_keys):
+    """deploy/image-test.sh: builds the image, starts it with a tampered archive mounted, without
+    the key, with another signer's key (each must exit non-zero with the reason, TorchServe never
+    run), then with the right ones (healthy, serving). Needs dockerd (the script starts one as root)."""
+    env = {**os.environ, "MAR": str(tiny.mar), "IMG": str(tiny.build_dir / "samples" / "test0000-ankle-boot.png"),
+           signing.PUBLIC_KEY_ENV: str(signing_keys.public), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "deploy" / "image-test.sh")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=3600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("refused (") == 5 and "image-test passed" in result.stdout, result.stdout
