@@ -332,11 +332,11 @@ def test_make_keys_tightens_its_folder_or_refuses_one_it_cannot_trust(tmp_path):
 
 def foreground(store: Path, workdir: Path, config: Path, *args: str, env=None) -> subprocess.Popen:
     """`serve start --foreground` as the image's entrypoint runs it, in a process group of its own."""
-    log = open(workdir.parent / f"{workdir.name}.out", "wb")
-    return subprocess.Popen([sys.executable, "-m", "serve", "start", "--foreground", "--model-store", str(store),
-                             "--workdir", str(workdir), "--config", str(config), *args],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    with open(workdir.parent / f"{workdir.name}.out", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "serve", "start", "--foreground", "--model-store",
+                                 str(store), "--workdir", str(workdir), "--config", str(config), *args],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
 
 
 @pytest.mark.torchserve
