@@ -24,6 +24,8 @@ from export.verify import verify_archive, verify_archive_release
 from serve.client import read_properties
 from serve.trust import STATE_DIR_ENV, ServedState, TrustError
 from tests.conftest import ROOT, run_module
+# Fixtures (tiny: a model trained on 2,000 images, archived and signed) and attack helpers shared
+# with the signing tests; pytest registers an imported fixture under its own name.
 from tests.test_security import refuse_model_loading, rewrite, serve, serve_config, tiny  # noqa: F401
 
 STRANGER_UID = 4242  # a user who is neither the test's nor root
@@ -230,7 +232,8 @@ def test_a_key_others_can_replace_is_refused_with_the_fix(tmp_path):
         check_public_key(public)
     os.chmod(public, 0o644)
     os.chmod(folder, 0o777)
-    with pytest.raises(KeyPermissionError, match=rf"folder {folder} is writable by its group and others.*`chmod 0755 {folder}`"):
+    with pytest.raises(KeyPermissionError,
+                       match=rf"folder {folder} is writable by its group and others.*`chmod 0755 {folder}`"):
         check_public_key(public)
     os.chmod(folder, 0o1777)  # sticky, like /tmp: others cannot rename what is ours in it
     check_public_key(public)
@@ -328,7 +331,7 @@ def test_make_keys_tightens_its_folder_or_refuses_one_it_cannot_trust(tmp_path):
     assert not (above / "mnist-bundle").exists()
 
 
-# ---------------------------------------------------------------- 6. the container's start: verify, then become TorchServe
+# ---------------------------------------------------------------- 6. the container: verify, then become TorchServe
 
 def foreground(store: Path, workdir: Path, config: Path, *args: str, env=None) -> subprocess.Popen:
     """`serve start --foreground` as the image's entrypoint runs it, in a process group of its own."""
