@@ -34,7 +34,7 @@ if ! docker info >/dev/null 2>&1; then
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null 2>&1 || { tail /tmp/image-test-dockerd.log >&2; exit 1; }
 fi
-fail() { echo "image-test FAILED: $*" >&2; docker logs --tail 30 "$container" >&2 || true; exit 1; }
+fail() { echo "image-test FAILED: $*" >&2; [ -z "$container" ] || docker logs --tail 30 "$container" >&2 || true; exit 1; }
 
 python=${PYTHON:-$root/.venv/bin/python}
 [ -x "$python" ] || python=python3
