@@ -14,7 +14,8 @@ mar=${MAR:-$root/model_store/mnist.mar}
 [ -f "$mar" ] || { echo "$mar is missing: run \`make archive\` first" >&2; exit 1; }
 # Only an archive that verifies is baked in: signature (against the configured public key), the
 # files as TorchServe unpacks them, bundle.json's hashes, the self-test (export/verify.py). The
-# container itself starts TorchServe directly; what it serves was checked here.
+# container checks it again at every start (deploy/entrypoint.sh), against the digest pinned here
+# and the public key mounted from a secret.
 python=${PYTHON:-$root/.venv/bin/python}
 [ -x "$python" ] || python=python3
 (cd "$root" && "$python" -m export verify "$mar") || {
@@ -26,10 +27,12 @@ ctx=$(mktemp -d /var/tmp/mnist-image.XXXXXX)
 files=$(mktemp -d /var/tmp/mnist-build-files.XXXXXX)
 file_server=
 trap '[ -n "$file_server" ] && kill "$file_server"; rm -rf "$ctx" "$files"' EXIT
-mkdir -p "$ctx/app/model_store" "$ctx/app/serve" "$ctx/app/contract" "$files/wheels"
+mkdir -p "$ctx/app/model_store" "$ctx/app/serve" "$ctx/app/contract" "$ctx/app/export" "$files/wheels"
 cat "$root/config.properties" "$root/deploy/container.properties" >"$ctx/app/config.properties"
 cp "$root/metrics.yaml" "$root/deploy/entrypoint.sh" "$ctx/app/"
-cp "$root"/serve/{__init__,client,probe}.py "$ctx/app/serve/"
+cp "$root"/serve/{__init__,__main__,main,client,probe,process,trust}.py "$ctx/app/serve/"
+# The verifier the entrypoint runs: export/verify.py and what it imports (not export/main.py: torch).
+cp "$root"/export/{__init__,release,signing,verify}.py "$ctx/app/export/"
 cp "$root"/contract/*.py "$ctx/app/contract/"
 # The oip mode: its server and the archive verification it runs at every start.
 mkdir -p "$ctx/app/oip" "$ctx/app/export"
@@ -37,6 +40,7 @@ cp "$root"/oip/{__init__,__main__,main,model}.py "$ctx/app/oip/"
 cp "$root"/export/{__init__,verify,signing}.py "$ctx/app/export/"
 cp "$root/oip/requirements.txt" "$ctx/requirements-oip.txt"
 cp "$mar" "$ctx/app/model_store/mnist.mar"
+digest=$(sha256sum "$ctx/app/model_store/mnist.mar" | cut -d' ' -f1)
 chmod 0644 "$ctx/app/model_store/mnist.mar"  # the image's non-root user reads it, whatever its mode here
 cp "$root/deploy/Dockerfile" "$root/deploy/requirements-image.txt" "$ctx/"
 # pip inside the build trusts what pip on this host trusts (a TLS-inspecting proxy's CA included).
@@ -75,5 +79,6 @@ file_server=$!
 for _ in $(seq 50); do python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/ca.crt')" 2>/dev/null && break; sleep 0.2; done
 echo "building $tag ($variant; $(cat "$ctx/torch.txt" | tr '\n' ' '))"
 DOCKER_BUILDKIT=0 docker build --network host -q --build-arg "FILES=http://127.0.0.1:$port" \
-    -t "$tag" "$ctx" >/dev/null
-echo "built $tag ($(docker image inspect -f '{{.Size}}' "$tag") bytes)"
+    --build-arg "EXPECTED_SHA256=$digest" -t "$tag" "$ctx" >/dev/null
+echo "built $tag ($(docker image inspect -f '{{.Size}}' "$tag") bytes), serving mnist.mar SHA-256 $digest"
+echo "pin it: EXPECTED_SHA256 in deploy/k8s/deployment.yaml = $digest; the public key goes in the secret mnist-signing-key"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Smoke test of the serving image (`make image-test`): build it, run it the way the Deployment
-# does (non-root, read-only root filesystem, no capabilities), wait for Docker's HEALTHCHECK
-# (the readiness probe) to say healthy, answer REST calls, expose metrics, stop cleanly.
+# Smoke test of the serving image (`make image-test`): build it; started with a tampered archive
+# mounted, without the public key, or with another signer's key, it must exit non-zero with the
+# reason before TorchServe runs; run the way the Deployment does (non-root, read-only root file
+# system, no capabilities, the public key mounted read-only), wait for Docker's HEALTHCHECK (the
+# readiness probe) to say healthy, answer REST calls, expose metrics, stop cleanly.
 # Starts dockerd when none runs (as root) and stops it again.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,11 +34,57 @@ if ! docker info >/dev/null 2>&1; then
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null 2>&1 || { tail /tmp/image-test-dockerd.log >&2; exit 1; }
 fi
-fail() { echo "image-test FAILED: $*" >&2; docker logs --tail 30 "$container" >&2 || true; exit 1; }
+fail() { echo "image-test FAILED: $*" >&2; [ -z "$container" ] || docker logs --tail 30 "$container" >&2 || true; exit 1; }
+
+python=${PYTHON:-$root/.venv/bin/python}
+[ -x "$python" ] || python=python3
+# The trusted public key, as the Deployment mounts its secret: a root-owned 0444 file.
+public_key=${MNIST_SIGNING_PUBLIC_KEY:-$HOME/.config/mnist-bundle/signing-key.pub}
+[ -f "$public_key" ] || { echo "no public key at $public_key: run \`make keys\` and \`make archive\`" >&2; exit 1; }
+keys=$(mktemp -d /var/tmp/mnist-image-test.XXXXXX)
+trap 'cleanup; rm -rf "$keys"' EXIT
+install -m 0444 "$public_key" "$keys/signing-key.pub"
+# Another signer's key pair: their public key mounted, the archive is not theirs.
+(cd "$root" && "$python" -c 'import sys; from pathlib import Path; from export.signing import create_key_pair
+create_key_pair(Path(sys.argv[1]))' "$keys/stranger")
+chmod 0444 "$keys/stranger/signing-key.pub"
+# An archive whose handler was changed after signing: it would run its code at the first load.
+(cd "$root" && "$python" - "${MAR:-$root/model_store/mnist.mar}" "$keys/tampered.mar" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as src, zipfile.ZipFile(sys.argv[2], "w", zipfile.ZIP_DEFLATED) as dst:
+    for item in src.infolist():
+        data = src.read(item)
+        if item.filename == "mnist_handler.py":
+            data += b"\nopen('/app/run/handler-ran', 'w').write('tampered code ran')\n"
+        dst.writestr(item.filename, data)
+PY
+)
+chmod 0444 "$keys/tampered.mar"
+tampered_digest=$(sha256sum "$keys/tampered.mar" | cut -d' ' -f1)
 
 bash "$root/deploy/build-image.sh" cpu "$tag"
-container=$(docker run -d --read-only --tmpfs /tmp --tmpfs /app/run:uid=10001,gid=10001 \
-    --cap-drop ALL --security-opt no-new-privileges -p 127.0.0.1::8080 -p 127.0.0.1::8082 "$tag")
+run_flags=(--read-only --tmpfs /tmp --tmpfs /app/run:uid=10001,gid=10001 --cap-drop ALL --security-opt no-new-privileges)
+key_mount=(-v "$keys/signing-key.pub:/etc/mnist-bundle/signing-key.pub:ro")
+# Each refused start: exit status not 0, the reason in its output, and TorchServe never exec'd.
+refused_start() {
+    local name=$1 reason=$2; shift 2
+    local out status
+    out=$(timeout 120 docker run --rm "${run_flags[@]}" "$@" "$tag" 2>&1) && status=0 || status=$?
+    [ "$status" != 0 ] || fail "$name: the container started ($out)"
+    [[ $out == *"$reason"* ]] || fail "$name: exit $status without the reason '$reason': $out"
+    [[ $out != *"[serve] exec"* && $out != *"Torchserve version"* ]] || fail "$name: TorchServe ran: $out"
+    echo "refused ($name): exit $status, $(grep -m1 -o 'refusing to serve: .\{0,110\}' <<<"$out" || echo "$out" | head -1)"
+}
+refused_start "tampered archive mounted, the image's pin" "not the pinned" "${key_mount[@]}" \
+    -v "$keys/tampered.mar:/app/model_store/mnist.mar:ro"
+refused_start "tampered archive mounted and pinned" "changed after signing" "${key_mount[@]}" \
+    -v "$keys/tampered.mar:/app/model_store/mnist.mar:ro" -e "EXPECTED_SHA256=$tampered_digest"
+refused_start "no public key mounted" "which does not exist"
+refused_start "another signer's key" "not signed by the configured public key" \
+    -v "$keys/stranger/signing-key.pub:/etc/mnist-bundle/signing-key.pub:ro"
+refused_start "no pinned digest" "EXPECTED_SHA256 is empty" "${key_mount[@]}" -e EXPECTED_SHA256=
+
+container=$(docker run -d "${run_flags[@]}" "${key_mount[@]}" -p 127.0.0.1::8080 -p 127.0.0.1::8082 "$tag")
 run_started=$SECONDS
 for _ in $(seq 180); do
     health=$(docker inspect -f '{{.State.Health.Status}}' "$container")
@@ -46,6 +94,7 @@ for _ in $(seq 180); do
 done
 [ "$health" = healthy ] || fail "not healthy after 180 s"
 echo "healthy $((SECONDS - run_started)) s after docker run"
+docker logs "$container" 2>&1 | grep -q 'serving the verified read-only copy' || fail "no verification at start in the logs"
 inference=$(docker port "$container" 8080 | head -1)
 metrics=$(docker port "$container" 8082 | head -1)
 

@@ -29,6 +29,7 @@ import argparse
 import base64
 import datetime
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -47,7 +48,7 @@ from contract.bundle import (BUNDLE_FILE, FORMAT_VERSION, BundleError, load_bund
 from contract.framing import recipe_for
 from contract.paths import ROOT
 from contract.preprocessing import InputSpec, decode_image
-from export import convert, signing
+from export import convert, release, signing
 from export.convert import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, ExportMismatch
 from export.verify import unpack, verify_archive
 import formats
@@ -221,13 +222,14 @@ def sign_archive(mar: Path, work: Path) -> bool:
               f"{key}.\n[export] Run `make keys` once, then `make archive`; hosts that pin a public key "
               "refuse unsigned archives.\n[export] " + "!" * 78)
         return False
+    signing.check_private_key(key)
     tree = work / "signed"
     unpack(mar, tree)  # sign exactly what TorchServe will unpack
     signing.sign_tree(tree, work / "model.sig", key)
     with zipfile.ZipFile(mar, "a", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.write(work / "model.sig", signing.SIGNATURE_NAME)
     public = signing.public_key_of(key, work / "signer.pub")
-    verify_archive(mar, public_key=public, run_self_test=False)
+    verify_archive(mar, public_key=public, run_self_test=False, check_key_file=False)
     print(f"[export] signed with {key} (public key SHA-256 {signing.key_fingerprint(public)[:16]}...)")
     return True
 
@@ -236,6 +238,8 @@ def archive(args) -> Path:
     """build/ -> <model-store>/mnist.mar with torch-model-archiver, serving args.format's file,
     signed when a key exists."""
     build_dir = args.build_dir
+    if args.model_version is not None and args.model_version < 1:
+        raise SystemExit(f"[export] --model-version {args.model_version}: a model version is a positive integer")
     record = checked_build(build_dir, args.format)
     remove_stale_temporaries(build_dir)
     args.model_store.mkdir(parents=True, exist_ok=True)
@@ -247,6 +251,16 @@ def archive(args) -> Path:
         for package in HANDLER_PACKAGES:
             shutil.copytree(ROOT / package, stage / package, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(build_dir / BUNDLE_FILE, stage / BUNDLE_FILE)
+        # The release (model version, build time) beside bundle.json: signed with the rest.
+        target = args.model_store / f"{MODEL_NAME}.mar"
+        built_at = datetime.datetime.now(datetime.timezone.utc)
+        current = release.version_in_store(target)
+        version = args.model_version or release.next_version(built_at, current)
+        if current is not None and version <= current:
+            print(f"[export] WARNING: model version {version} is not above {current}, the version of "
+                  f"{target}: hosts that served {current} refuse it as a rollback (serve --allow-rollback)")
+        released = release.make_release(MODEL_NAME, version, built_at)
+        write_atomically(stage / release.RELEASE_FILE, (json.dumps(released, indent=2) + "\n").encode())
         served = record["file"]
         # model.onnx travels in every archive: the Open Inference Protocol server (oip/) runs it
         # with onnxruntime from the same signed file, whatever format TorchServe serves.
@@ -259,7 +273,7 @@ def archive(args) -> Path:
             if path.exists() and sha256_file(path) != bundle["files"][name]["sha256"]:
                 raise SystemExit(f"[export] {build_dir / name} changed while archiving: run `make export`")
         command = [archiver_command(),
-                   "--model-name", MODEL_NAME, "--version", args.version,
+                   "--model-name", MODEL_NAME, "--version", str(version),
                    "--serialized-file", str(Path(tmp) / record["file"]),
                    "--handler", str(ROOT / "handlers" / "mnist_handler.py"),
                    "--extra-files", str(stage),
@@ -268,10 +282,11 @@ def archive(args) -> Path:
         subprocess.run(command, check=True)
         built = Path(tmp) / f"{MODEL_NAME}.mar"
         sign_archive(built, Path(tmp))
-        target = args.model_store / f"{MODEL_NAME}.mar"
         with open(built, "rb") as source:  # a server never sees half a file
             write_atomically(target, lambda f: shutil.copyfileobj(source, f))
-    print(f"[export] wrote {target} ({args.format}, {target.stat().st_size / 1024:.0f} KiB)")
+    print(f"[export] wrote {target} ({args.format}, model version {version}, built {released['built_at']}, "
+          f"{target.stat().st_size / 1024:.0f} KiB)\n[export] SHA-256 {sha256_file(target)}: pin it where "
+          "it is served (serve start --expect-sha256, EXPECTED_SHA256 in deploy/k8s/deployment.yaml)")
     return target
 
 
@@ -298,7 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             "checkpoint", "build-dir", "data-dir", "check-images", "format", "device", "model-config",
             "threads")
     command("archive", "build/ -> model_store/mnist.mar serving one format, signed when a key exists",
-            "build-dir", "model-store", "version", "format", "model-config")
+            "build-dir", "model-store", "model-version", "format", "model-config")
     command("quantize", "build/model.onnx -> build/model.int8.onnx (static QDQ int8)",
             "build-dir", "data-dir", "threads")
     command("ort", "build/model.onnx -> build/model.ort (minimal/mobile onnxruntime)", "build-dir")
@@ -318,7 +333,10 @@ OPTIONS = {
     "check-images": lambda p: p.add_argument("--check-images", type=int, default=256,
                                              help="real test images each export is checked on"),
     "model-store": lambda p: p.add_argument("--model-store", type=Path, default=Path("model_store")),
-    "version": lambda p: p.add_argument("--version", default="1.0", help="model version recorded in the .mar"),
+    "model-version": lambda p: p.add_argument(
+        "--model-version", type=int, default=None,
+        help="the release's model version, a positive integer that only grows (default: the build "
+             "time as YYYYMMDDHHMMSS in UTC, above the model store's archive)"),
     "model-config": lambda p: p.add_argument(
         "--model-config", type=Path, default=ROOT / "handlers" / "model-config.yaml",
         help="TorchServe model-config.yaml (workers, batching, handler settings) to pack"),
@@ -344,7 +362,9 @@ OPTIONS = {
 def make_keys() -> None:
     try:
         private, public = signing.create_key_pair()
-    except signing.SignatureError as error:
+    except signing.KeyPermissionError as error:
+        raise SystemExit(f"[export] refusing: {error}") from None
+    except signing.SignatureError as error:  # a pair exists already: kept (make demo runs keys each time)
         print(f"[export] {error}")
         return
     print(f"[export] new signing key pair: {private} (private, mode 0600: never copy it into the "

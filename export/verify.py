@@ -12,8 +12,10 @@ name is a plain relative path, unique, not a link; and unless every member infla
 claims, in proportion to its compressed size, within a total bound (memory stays at one chunk).
 
 Order of checks: structure, then the signature over every unpacked file (export/signing.py), then
-bundle.json's SHA-256 sums, and only then is the model loaded (its self-test). Nothing from the
-archive is imported or loaded before the signature holds.
+bundle.json's SHA-256 sums and the release record (export/release.py: model version, build time),
+and only then is the model loaded (its self-test). Nothing from the archive is imported or loaded
+before the signature holds. A caller that serves what it verified verifies a private copy
+(serve/trust.py): a file that others can rename over could change between check and use.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ import numpy as np
 from contract import TOLERANCE
 from contract.bundle import BUNDLE_FILE, BundleError, load_bundle, served_format, sha256_file
 from contract.preprocessing import InputSpec, decode_image
-from export.signing import SIGNATURE_NAME, SignatureError, public_key_path, verify_tree
+from export.release import RELEASE_FILE, read_release
+from export.signing import (SIGNATURE_NAME, SignatureError, check_public_key, public_key_path,
+                            verify_tree)
 
 MAX_MEMBERS = 1000
 MAX_TOTAL_BYTES = 1 << 30  # the whole archive, inflated
@@ -187,8 +191,10 @@ def unpack(mar: Path, dest: Path) -> list[str]:
     return [m.name for m in members if not m.is_dir]
 
 
-def check_signature(tree: Path, names: list[str], public_key: Path | None, allow_unsigned: bool) -> str:
-    """'signed by <key>' or 'UNSIGNED'; raises SignatureError when the archive cannot be trusted."""
+def check_signature(tree: Path, names: list[str], public_key: Path | None, allow_unsigned: bool,
+                    check_key_file: bool = True) -> str:
+    """'signed by <key>' or 'UNSIGNED'; raises SignatureError when the archive cannot be trusted,
+    or when someone other than its owner could have replaced the public key (check_key_file)."""
     signed = SIGNATURE_NAME in names
     if public_key is None:
         message = ("no public key is configured (make keys, or $MNIST_SIGNING_PUBLIC_KEY): nothing "
@@ -198,6 +204,8 @@ def check_signature(tree: Path, names: list[str], public_key: Path | None, allow
         print("[verify] " + "!" * 78 + f"\n[verify] WARNING: {message}.\n[verify] " + "!" * 78)
         (tree / SIGNATURE_NAME).unlink(missing_ok=True)
         return "UNSIGNED (no public key configured)"
+    if check_key_file:
+        check_public_key(public_key)
     if not signed:
         raise SignatureError(f"the archive carries no signature ({SIGNATURE_NAME}) and this host "
                              f"trusts only archives signed by {public_key}: sign it with `make archive` "
@@ -217,7 +225,8 @@ def check_contract(tree: Path, names: list[str]) -> tuple[dict, str]:
         serialized, handler = manifest["model"]["serializedFile"], manifest["model"]["handler"]
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise BundleError(f"missing or malformed MAR-INF/MANIFEST.json ({error})") from None
-    for required in (serialized, handler, BUNDLE_FILE, "contract/preprocessing.py", "formats/__init__.py"):
+    for required in (serialized, handler, BUNDLE_FILE, "contract/preprocessing.py", "formats/__init__.py",
+                     RELEASE_FILE):
         if required not in names:
             raise BundleError(f"the archive lacks {required}")
     bundle = load_bundle(tree / BUNDLE_FILE)
@@ -242,12 +251,31 @@ def self_test(bundle: dict, model_path: Path) -> tuple[int, float]:
     return int(p.argmax()), float(np.abs(p - np.array(test["probabilities"])).max())
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What a verified archive says of itself: its contract, its release, the file's SHA-256."""
+    bundle: dict
+    release: dict
+    sha256: str
+
+
 def verify_archive(mar: Path, public_key: Path | None = None, allow_unsigned: bool = False,
-                   run_self_test: bool = True, unpack_into: Path | None = None) -> dict:
+                   run_self_test: bool = True, check_key_file: bool = True,
+                   unpack_into: Path | None = None) -> dict:
+    """verify_archive_release(...).bundle: the archive's bundle.json once it is trusted."""
+    return verify_archive_release(mar, public_key, allow_unsigned, run_self_test, check_key_file,
+                                  unpack_into).bundle
+
+
+def verify_archive_release(mar: Path, public_key: Path | None = None, allow_unsigned: bool = False,
+                           run_self_test: bool = True, check_key_file: bool = True,
+                           unpack_into: Path | None = None) -> Verified:
     """Check `mar` can be trusted; raises BundleError (ArchiveError, SignatureError) naming what
-    is wrong. public_key None: the configured one (export/signing.py), if any. unpack_into: a
-    folder that does not exist yet, where the checked files stay (a server that is not TorchServe
-    serves that copy, never the archive it could re-read after the check); None: a temporary one."""
+    is wrong. public_key None: the configured one (export/signing.py), if any; check_key_file
+    False only for a key this process has just written into a private folder of its own.
+    unpack_into: a folder that does not exist yet, where the checked files stay (a server that is
+    not TorchServe serves that copy, never the archive it could re-read after the check); None: a
+    temporary one."""
     mar = Path(mar)
     if public_key is None:
         public_key = public_key_path()
@@ -260,12 +288,13 @@ def verify_archive(mar: Path, public_key: Path | None = None, allow_unsigned: bo
                 raise ArchiveError(f"{tree} exists already: archives are unpacked into a new folder only")
         names = unpack(mar, tree)
         try:
-            signer = check_signature(tree, names, public_key, allow_unsigned)
+            signer = check_signature(tree, names, public_key, allow_unsigned, check_key_file)
         except SignatureError as error:
             raise SignatureError(f"{mar}: {error}") from None
         names = [n for n in names if n != SIGNATURE_NAME]
         try:
             bundle, serialized = check_contract(tree, names)
+            release = read_release(tree)
         except BundleError as error:
             raise BundleError(f"{mar}: {error}") from None
         if run_self_test:
@@ -277,6 +306,8 @@ def verify_archive(mar: Path, public_key: Path | None = None, allow_unsigned: bo
         else:
             tested = "no self-test"
     fmt, _ = served_format(bundle, serialized)
+    digest = sha256_file(mar)
     print(f"[verify] {mar}: OK: {len(names)} files as TorchServe unpacks them, {signer}, "
-          f"bundle.json SHA-256 sums, serves {serialized} ({fmt}), {tested}")
-    return bundle
+          f"bundle.json SHA-256 sums, serves {serialized} ({fmt}), {tested}; model version "
+          f"{release['model_version']} built {release['built_at']}; SHA-256 {digest}")
+    return Verified(bundle, release, digest)

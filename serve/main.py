@@ -1,8 +1,10 @@
 """Serve the archive with TorchServe from the repository root.
 
-    python -m serve start             verify model_store/mnist.mar (signature, contents), then
-                                      torchserve --start --ncs with config.properties, the model
-                                      store's absolute path pinned; wait for a READY worker
+    python -m serve start             copy model_store/mnist.mar into logs/private/model_store/
+                                      (read-only), verify that copy (signature, contents, the
+                                      pinned --expect-sha256, no rollback: serve/trust.py), then
+                                      torchserve --start --ncs with config.properties serving the
+                                      copy; wait for a READY worker (--foreground: exec TorchServe)
     python -m serve predict IMAGE...  POST each image with the inference key; prints the answer
     python -m serve predict --grpc IMAGE...  the same over TorchServe's gRPC API (port 7070)
     python -m serve grpc-stubs DIR    write Python stubs of TorchServe's own protos into DIR
@@ -32,16 +34,32 @@ from serve.process import (anchored_allowed_urls, private_directory, private_env
 STOP_PATIENCE_S = 60
 
 
-def verify_before_serving(mar: Path, allow_unsigned: bool) -> None:
-    """Refuse to start TorchServe on an archive that fails `export verify` (export/verify.py)."""
+def verify_before_serving(mar: Path, private: Path, args) -> tuple[Path, dict, str]:
+    """Copy `mar` into `private`/model_store, read-only, and check that copy: the digest pinned by
+    --expect-sha256, the signature and contents (export/verify.py), and no rollback against the
+    newest release this host has served (serve/trust.py). Returns (the model store to serve, the
+    release, the SHA-256); SystemExit before TorchServe starts otherwise."""
     from contract.bundle import BundleError
-    from export.verify import verify_archive
+    from export.verify import verify_archive_release
+    from serve import trust
+    allow_unsigned = args.allow_unsigned or os.environ.get("ALLOW_UNSIGNED") == "1"
     try:
-        verify_archive(mar, allow_unsigned=allow_unsigned, run_self_test=False)
+        expected = trust.check_digest(args.expect_sha256) if args.expect_sha256 else None
+        copy, digest = trust.private_copy(mar, private / "model_store", mar.name)
+        if expected is not None and digest != expected:
+            raise trust.TrustError(f"{mar} has SHA-256 {digest}, not the pinned {expected} "
+                                   "(--expect-sha256): refusing any other archive")
+        verified = verify_archive_release(copy, allow_unsigned=allow_unsigned, run_self_test=False)
+        freshness = trust.ServedState().check(MODEL_NAME, verified.release, digest, args.allow_rollback)
     except BundleError as error:
         raise SystemExit(f"[serve] refusing to serve: {error}\n[serve] TorchServe was not started. "
                          "Rebuild and sign the archive with `make archive` (where the private key "
                          "is), or pin the right public key ($MNIST_SIGNING_PUBLIC_KEY)") from None
+    copy = trust.install(copy, mar.name)
+    print(f"[serve] serving the verified read-only copy {copy} (SHA-256 {digest}"
+          f"{', as pinned' if expected else ''}); model version {verified.release['model_version']}: "
+          f"{freshness}")
+    return copy.parent, verified.release, digest
 
 
 def start(args, server: Server) -> None:
@@ -49,14 +67,16 @@ def start(args, server: Server) -> None:
     mar = store / f"{MODEL_NAME}.mar"
     if not mar.exists():
         raise SystemExit(f"{mar} is missing: run `make archive` first")
-    verify_before_serving(mar, args.allow_unsigned or os.environ.get("ALLOW_UNSIGNED") == "1")
     private = private_directory(args.workdir / "logs" / "private")
-    # The effective config: the shipped one with the model store's absolute path, and
-    # allowed_urls anchored to it (a relative `model_store` and a `.*model_store.*` pattern
+    served_store, release, digest = verify_before_serving(mar, private, args)
+    # The effective config: the shipped one with the verified copy's folder as the model store,
+    # and allowed_urls anchored to it (a relative `model_store` and a `.*model_store.*` pattern
     # would follow the working directory and admit any path containing the word).
     config = private / "config.properties"
-    write_config(args.config, config, {"model_store": str(store),
-                                       "allowed_urls": anchored_allowed_urls(store)})
+    write_config(args.config, config, {"model_store": str(served_store),
+                                       "allowed_urls": anchored_allowed_urls(served_store)})
+    if args.foreground:
+        start_in_foreground(args, config, private, release, digest)
     command = [torchserve_command(), "--start", "--ncs", "--ts-config", str(config)]
     print("[serve] " + " ".join(command[1:]).replace(str(args.workdir) + "/", ""))
     # The Java process inherits the launcher's stdout: a pipe here would never close, so its
@@ -70,6 +90,8 @@ def start(args, server: Server) -> None:
     if returncode != 0 or "already running" in said:
         raise SystemExit(f"[serve] torchserve --start failed: {said.strip()[-2000:]}")
     description = server.wait_until_ready(timeout=args.timeout, every_worker=True)
+    from serve.trust import ServedState
+    ServedState().record(MODEL_NAME, release, digest)
     if server.key_file.exists():
         os.chmod(server.key_file, 0o600)  # umask 077 made it so; an older file is tightened
     worker = next(w for w in description["workers"] if w["status"] == "READY")
@@ -80,6 +102,19 @@ def start(args, server: Server) -> None:
           f"  curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/octet-stream' "
           f"--data-binary @image.png {server.inference_url}/predictions/{MODEL_NAME}\n"
           "  or: make predict IMG=image.png        stop it with: make stop")
+
+
+def start_in_foreground(args, config: Path, private: Path, release: dict, digest: str) -> None:
+    """Become TorchServe (--foreground), as a container's entrypoint does: the process that
+    verified the archive is replaced by the server, so nothing else runs between the two."""
+    from serve.trust import ServedState
+    ServedState().record(MODEL_NAME, release, digest)
+    command = [torchserve_command(), "--start", "--foreground", "--ncs", "--ts-config", str(config)]
+    print("[serve] exec " + " ".join(command[1:]), flush=True)
+    os.chdir(args.workdir)
+    os.umask(0o077)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # workers import the archive's contract/
+    os.execve(command[0], command, {**env, **private_environment(private / "tmp")})
 
 
 def predict_grpc(args, server: Server) -> int:
@@ -164,6 +199,12 @@ def main(argv=None) -> None:
     p.add_argument("--allow-unsigned", action="store_true",
                    help="start: serve although no public key is configured (or ALLOW_UNSIGNED=1); "
                         "says so loudly")
+    p.add_argument("--expect-sha256", default=None, metavar="DIGEST",
+                   help="start: serve only the archive with this SHA-256 (sha256sum model_store/mnist.mar)")
+    p.add_argument("--allow-rollback", action="store_true",
+                   help="start: serve an archive older than the newest this host has served")
+    p.add_argument("--foreground", action="store_true",
+                   help="start: verify, then become TorchServe in the foreground (a container's entrypoint)")
     p.add_argument("--inference-key-file", type=Path, default=None,
                    help="predict: a file holding the inference key alone (from `python -m serve token`)")
     args = p.parse_intermixed_args(argv)

@@ -77,6 +77,18 @@ def signing_keys(tmp_path_factory):
         os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def serving_state(tmp_path_factory):
+    """The record of what `serve start` served (serve/trust.py) in a folder of the suite's own,
+    never the user's ~/.local/state: tests serve old and new archives in any order."""
+    from serve.trust import STATE_DIR_ENV
+    saved = os.environ.get(STATE_DIR_ENV)
+    folder = tmp_path_factory.mktemp("serving-state") / "state"
+    os.environ[STATE_DIR_ENV] = str(folder)
+    yield folder
+    os.environ.pop(STATE_DIR_ENV, None) if saved is None else os.environ.__setitem__(STATE_DIR_ENV, saved)
+
+
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory, fashion_test_set, signing_keys):
     """Train 2 epochs of the seed recipe (about 82% test accuracy), export, archive: the real
