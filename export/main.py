@@ -125,7 +125,9 @@ def checkpoint_figures(state: dict) -> dict:
     if "validation_accuracy" not in metrics:  # trained before the validation split
         return {"chosen_on": "test accuracy", "test_accuracy": metrics["test_accuracy"]}
     return {"chosen_on": "validation accuracy", "validation_accuracy": metrics["validation_accuracy"],
-            "test_accuracy": metrics["test_accuracy"], "splits": splits}
+            "test_accuracy": metrics["test_accuracy"], "splits": splits,
+            # what the training images went through (train/loop.augmentation_record)
+            "recipe": state["settings"].get("recipe"), "augmentation": state["data"].get("augmentation")}
 
 
 def remove_stale_temporaries(directory: Path) -> None:
