@@ -86,3 +86,14 @@ def test_a_fixed_size_meant_for_60000_is_refused_on_a_small_set(small_dataset, t
 def test_the_command_line_says_what_a_bad_size_is(tmp_path):
     result = run_module("train", "--validation-size", "1.5", "--checkpoint-dir", str(tmp_path), check=False)
     assert result.returncode == 2 and "fraction must lie between 0 and 1" in result.stderr
+
+
+def test_among_equal_validation_accuracies_the_lower_loss_is_best():
+    """A small validation set is often all right for many epochs: the first of them is the least
+    trained, so the loss breaks the tie."""
+    from train.loop import best_epoch
+    history = [{"epoch": 1, "validation_accuracy": 1.0, "validation_loss": 0.01},
+               {"epoch": 2, "validation_accuracy": 1.0, "validation_loss": 0.002},
+               {"epoch": 3, "validation_accuracy": 0.99, "validation_loss": 0.001},
+               {"epoch": 4, "validation_accuracy": 1.0, "validation_loss": 0.002}]
+    assert best_epoch(history)["epoch"] == 2

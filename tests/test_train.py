@@ -86,7 +86,8 @@ def test_best_pt_is_chosen_on_validation_not_on_test(tmp_path):
     run = build_run(settings, 4, tmp_path, torch.device("cpu"), Group(), data)
     train_loop(run, 4)
     history = run.history
-    by_validation = max(history, key=lambda r: (r["validation_accuracy"], -r["epoch"]))["epoch"]
+    by_validation = max(history, key=lambda r: (r["validation_accuracy"], -r["validation_loss"],
+                                                 -r["epoch"]))["epoch"]
     by_test = max(history, key=lambda r: (r["test_accuracy"], -r["epoch"]))["epoch"]
     assert by_validation != by_test, f"the set-up does not tell the two apart: {history}"
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == by_validation

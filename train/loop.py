@@ -243,7 +243,7 @@ def train(run: Run, last_epoch: int, test_batch_size: int = 1000) -> None:
                        images_per_second=round(len(order) / seconds, 1))
             run.history.append({key: row[key] for key in HISTORY_COLUMNS})
             # best.pt is chosen on the validation set; the test set only reports
-            improved = row["validation_accuracy"] > run.best_validation_accuracy
+            improved = best_epoch(run.history)["epoch"] == epoch
             run.best_validation_accuracy = max(run.best_validation_accuracy, row["validation_accuracy"])
             run.wall_seconds += time.perf_counter() - started  # before the write that records it
             save_checkpoints(run, epoch, improved)
@@ -269,8 +269,10 @@ def evaluate(run: Run, batch_size: int) -> dict:
 
 
 def best_epoch(history: list[dict]) -> dict:
-    """The history row best.pt holds: the first epoch with the highest validation accuracy."""
-    return max(history, key=lambda row: (row["validation_accuracy"], -row["epoch"]))
+    """The history row best.pt holds: the epoch with the highest validation accuracy; among
+    equals the lower validation loss (a small validation set is often all right for many
+    epochs, and the first of them is the least trained), then the earlier epoch."""
+    return max(history, key=lambda row: (row["validation_accuracy"], -row["validation_loss"], -row["epoch"]))
 
 
 def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
