@@ -17,7 +17,9 @@ from tests.conftest import DATA_DIR, ROOT, report, run_module
 from train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
-TRAIN = ["-m", "train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--threads", "1"]
+# the tutorial's recipe: these tests are about the process group, not the recipe
+TRAIN = ["-m", "train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--recipe", "seed",
+         "--threads", "1"]
 
 
 def torchrun(*args: str) -> list[str]:
