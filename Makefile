@@ -6,7 +6,8 @@ PEERS_VENV := .venv-peers
 OIP_VENV := .venv-oip
 PYTHON ?= $(VENV)/bin/python
 DATASET ?= auto
-EPOCHS ?= 10
+# Empty: the recipe's own number of epochs (train/main.py RECIPES).
+EPOCHS ?=
 NPROC ?= 1
 # The model file the .mar serves: torchscript (model.pt), pt2 (torch.export + AOTInductor,
 # compiled here for this host's CPU or GPU) or onnx (model.onnx, the edge's file).
@@ -30,11 +31,11 @@ install:  ## Java 17 check, Debian's Fashion-MNIST, .venv with requirements.txt 
 data: install  ## fetch/prepare DATASET (auto|mnist|fashion-mnist) under data/
 	$(PYTHON) -m train --dataset $(DATASET) --prepare-data-only
 
-train: install  ## train DATASET for EPOCHS epochs -> checkpoints/{last,best}.pt (NPROC>1: torchrun)
+train: install  ## train DATASET with the default recipe (EPOCHS=N: other than its own) -> checkpoints/{last,best}.pt (NPROC>1: torchrun)
 ifeq ($(NPROC),1)
-	$(PYTHON) -m train --dataset $(DATASET) --epochs $(EPOCHS) $(TRAIN_ARGS)
+	$(PYTHON) -m train --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 else
-	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train --dataset $(DATASET) --epochs $(EPOCHS) $(TRAIN_ARGS)
+	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 endif
 
 export: install  ## checkpoints/best.pt -> build/model.pt, build/model.onnx, build/bundle.json (FORMAT=pt2: + build/model.pt2)
@@ -93,7 +94,8 @@ bench: install peers-venv  ## side-by-side benchmarks, peers included -> bench/r
 demo: install  ## the whole path: data, train, export, archive, serve, predict, stop
 	$(MAKE) data train keys archive TRAIN_ARGS="$(TRAIN_ARGS) $(if $(wildcard checkpoints/last.pt),--resume)"
 	$(MAKE) serve
-	$(PYTHON) -m serve predict build/samples/*.png; status=$$?; $(MAKE) stop; exit $$status
+	$(PYTHON) -m serve predict build/samples/*.png; status=$$?; $(MAKE) stop; \
+		$(PYTHON) -m train --summary; exit $$status
 
 image: archive  ## the serving image mnist-serve:VARIANT (cpu, gpu) from model_store/mnist.mar, offline (dockerd running)
 	bash deploy/build-image.sh $(VARIANT)

@@ -172,6 +172,7 @@ def bench_recipes(work: Path, threads: int, recipes: list[str], targets: list[fl
                            "best_test_accuracy": best["metrics"]["test_accuracy"],
                            "best_epoch": best["epoch"],
                            "best_validation_accuracy": best["metrics"]["validation_accuracy"],
+                           "splits": best["data"]["splits"], "augmentation": best["data"]["augmentation"],
                            "reached": reached, "checkpoint": str(directory / "best.pt")}
         log(f"recipe {recipe}: best.pt (epoch {best['epoch']}, chosen on validation) test accuracy "
             f"{100 * results[recipe]['best_test_accuracy']:.2f}% in {wall:.0f} s; " + ", ".join(

@@ -85,7 +85,9 @@ def checkpoint_figures(state: dict) -> dict:
     """The checkpoint's accuracies, each named by the split it was measured on."""
     metrics = state["metrics"]
     return {"chosen_on": "validation accuracy", "validation_accuracy": metrics["validation_accuracy"],
-            "test_accuracy": metrics["test_accuracy"], "splits": state["data"]["splits"]}
+            "test_accuracy": metrics["test_accuracy"], "splits": state["data"]["splits"],
+            # what the training images went through (train/loop.augmentation_record)
+            "recipe": state["settings"]["recipe"], "augmentation": state["data"]["augmentation"]}
 
 
 def remove_stale_temporaries(directory: Path) -> None:

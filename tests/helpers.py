@@ -93,7 +93,9 @@ def worker_pids(server) -> list[int]:
     return sorted(w["pid"] for w in server.describe()["workers"])
 
 
-TRAIN = ["-m", "train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--threads", "1"]
+# the tutorial's recipe: tests of the process group and the loop, not of the recipe
+TRAIN = ["-m", "train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--recipe", "seed",
+         "--threads", "1"]
 
 
 def torchrun(*args: str) -> list[str]:

@@ -32,7 +32,10 @@ def test_checkpoints_hold_plain_data_and_what_export_needs(artifacts):
     assert state["data"]["mean"] == pytest.approx(0.286, abs=0.002)
     assert state["data"]["std"] == pytest.approx(0.353, abs=0.002)
     assert state["data"]["splits"] == {"train": 55000, "validation": 5000, "test": 10000,
-                                       "validation_held_out_of": "train", "validation_seed": 1}
+                                       "validation_held_out_of": "train", "validation_seed": 1,
+                                       "validation_size": 1 / 12}
+    assert state["data"]["augmentation"] == {"flip": False, "shift": 0, "robustness": 0.0,
+                                             "robustness_ranges": {}}  # the seed recipe: none
     rows = list(csv.DictReader(open(artifacts.checkpoint_dir / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert {"validation_loss", "validation_accuracy", "test_loss", "test_accuracy"} <= set(rows[0])
@@ -43,7 +46,8 @@ def test_checkpoints_hold_plain_data_and_what_export_needs(artifacts):
     assert checkpoint["chosen_on"] == "validation accuracy"
     assert checkpoint["validation_accuracy"] == best["metrics"]["validation_accuracy"]
     assert checkpoint["test_accuracy"] == best["metrics"]["test_accuracy"]
-    assert checkpoint["splits"]["validation"] == 5000
+    assert checkpoint["splits"]["validation"] == 5000 and checkpoint["splits"]["validation_size"] == 1 / 12
+    assert checkpoint["recipe"] == "seed" and checkpoint["augmentation"] == state["data"]["augmentation"]
 
 
 def test_the_validation_set_is_fixed_by_the_seed_and_never_trained_on(fashion_test_set):
@@ -86,7 +90,8 @@ def test_best_pt_is_chosen_on_validation_not_on_test(tmp_path):
     run = build_run(settings, 4, tmp_path, torch.device("cpu"), Group(), data)
     train_loop(run, 4)
     history = run.history
-    by_validation = max(history, key=lambda r: (r["validation_accuracy"], -r["epoch"]))["epoch"]
+    by_validation = max(history, key=lambda r: (r["validation_accuracy"], -r["validation_loss"],
+                                                 -r["epoch"]))["epoch"]
     by_test = max(history, key=lambda r: (r["test_accuracy"], -r["epoch"]))["epoch"]
     assert by_validation != by_test, f"the set-up does not tell the two apart: {history}"
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == by_validation

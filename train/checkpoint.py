@@ -14,8 +14,9 @@ import torch
 from contract.bundle import write_atomically
 
 # 2: settings as train/settings.py's TrainingSettings, the validation split and its figures,
-# best_epoch, run_id, launch_id and trained_on always present.
-FORMAT_VERSION = 2
+# best_epoch, run_id, launch_id and trained_on always present. 3: the robustness augmentation's
+# setting and the training time (wall_seconds).
+FORMAT_VERSION = 3
 RETRAIN = ("train a new run with `make train` (python -m train --start-over, or another "
            "--checkpoint-dir), then `make export`")
 

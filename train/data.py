@@ -35,6 +35,12 @@ class DatasetInfo:
     name: str  # the name users type: mnist, fashion-mnist
     torchvision_class: type
     classes: tuple[str, ...]
+    # Label-safe augmentation: a left-right flip only where the labels are invariant to it
+    # (a mirrored shoe is a shoe; a mirrored 2, 3, 4, 5, 7 or 9 is no digit).
+    mirror_symmetric: bool
+    # The strength of the robustness augmentation (train/augment.py) that the default recipe
+    # trains with, chosen on the validation split (docs/training.md has the figures).
+    robustness: float
 
     def raw_dir(self, root: Path) -> Path:
         # torchvision's layout: <root>/<ClassName>/raw
@@ -42,12 +48,14 @@ class DatasetInfo:
 
 
 DATASETS = {
-    "mnist": DatasetInfo("mnist", datasets.MNIST, tuple(str(d) for d in range(10))),
+    "mnist": DatasetInfo("mnist", datasets.MNIST, tuple(str(d) for d in range(10)),
+                         mirror_symmetric=False, robustness=1.0),
     "fashion-mnist": DatasetInfo(
         "fashion-mnist",
         datasets.FashionMNIST,
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        mirror_symmetric=True, robustness=0.0,
     ),
 }
 CHOICES = ("auto", *DATASETS)
@@ -144,16 +152,55 @@ def load_split(info: DatasetInfo, root: Path | str, train: bool) -> TensorData:
     return TensorData(ds.data.contiguous(), ds.targets.to(torch.int64).contiguous())
 
 
-def hold_out(split: TensorData, size: int, seed: int) -> tuple[TensorData, TensorData]:
-    """(the rest, `size` held-out images): a validation set drawn from the training set.
+# The default validation split: 1/12 of the training set (5,000 of MNIST's 60,000).
+DEFAULT_VALIDATION_FRACTION = 1 / 12
+# At most a quarter held out: beyond that the training images it costs matter more than a
+# steadier choice of best.pt.
+MAX_VALIDATION_FRACTION = 0.25
 
-    Which images are held out depends on the seed alone (not on the device, the process count
-    or --train-limit), so a resumed or distributed run holds out the same ones. Both parts keep
-    the data set's own order.
+
+def parse_validation_size(text: str) -> int | float:
+    """--validation-size: a count of images ("5000") or a fraction of the training set ("0.1")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--validation-size {text!r}: give a count of images (5000) or a fraction of "
+                         f"the training set (0.1)") from None
+    if value.is_integer() and "." not in text and "e" not in text.lower():
+        return int(value)
+    if not 0 < value < 1:
+        raise ValueError(f"--validation-size {text}: a fraction must lie between 0 and 1 (0.1 holds "
+                         f"out a tenth); a count is a whole number (5000)")
+    return value
+
+
+def validation_count(size: int | float, total: int) -> int:
+    """How many of `total` training images --validation-size holds out; refuses a split that
+    leaves no validation set or too little to train on, saying what to pass instead."""
+    count = round(size * total) if isinstance(size, float) else int(size)
+    suggestion = (f"the default ({DEFAULT_VALIDATION_FRACTION:.4f}, i.e. "
+                  f"{round(DEFAULT_VALIDATION_FRACTION * total)} images) or 0.1 "
+                  f"({round(0.1 * total)} images)")
+    if count < 1:
+        raise ValueError(f"--validation-size {size}: that holds out {count} of the {total} training images, "
+                         f"an empty validation set that cannot choose best.pt; pass {suggestion}")
+    limit = int(MAX_VALIDATION_FRACTION * total)
+    if count > limit:
+        raise ValueError(f"--validation-size {size}: that holds out {count} of the {total} training images "
+                         f"and leaves {total - count} to train on; hold out at most a quarter "
+                         f"({limit}): pass {suggestion}")
+    return count
+
+
+def hold_out(split: TensorData, size: int | float, seed: int) -> tuple[TensorData, TensorData]:
+    """(the rest, the held-out images): a validation set drawn from the training set; `size` is a
+    count or a fraction of it (validation_count).
+
+    Which images are held out depends on the seed and the size alone (not on the device, the
+    process count or --train-limit), so a resumed or distributed run holds out the same ones.
+    Both parts keep the data set's own order.
     """
-    if not 0 < size < len(split):
-        raise ValueError(f"--validation-size {size}: choose between 1 and {len(split) - 1} "
-                         f"(the training set has {len(split)} images)")
+    size = validation_count(size, len(split))
     g = torch.Generator().manual_seed(seed * 100_003 + 99_991)  # apart from the epoch orders' seeds
     held = torch.zeros(len(split), dtype=torch.bool)
     held[torch.randperm(len(split), generator=g)[:size]] = True

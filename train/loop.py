@@ -4,7 +4,7 @@ the tests import this).
 A validation set is held out of the training set (its size and the seed say which images):
 it chooses `best.pt`; the test set is only reported. Each split is decoded once into a tensor
 that lives on the training device; every epoch draws
-its order (and its flips) from (seed, epoch), so a run resumed from `last.pt` sees exactly the
+its order (and its augmentation: train/augment.py) from (seed, epoch), so a run resumed from `last.pt` sees exactly the
 batches that an uninterrupted run would have seen.
 
 Under torchrun the batch size stays the global batch: each of the N processes takes its 1/N
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train import distributed
+from train import augment, distributed
 from contract.bundle import write_atomically
 from train.checkpoint import FORMAT_VERSION, CheckpointError, save_checkpoint
 from train.settings import TrainingSettings
@@ -46,6 +46,8 @@ class Data:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+    validation_size: int | float = 5000  # as asked for: a count or a fraction of the training set
 
     def sizes(self) -> dict:
         return {"train": len(self.y_train), "validation": len(self.y_val), "test": len(self.y_test)}
@@ -69,9 +71,10 @@ class Run:
     best_epoch: int = 0
     first_epoch: int = 1
     run_id: str = ""  # made when the run starts, kept by every resume: a restart resumes its own run only
+    wall_seconds: float = 0.0  # epochs with their evaluation and checkpoints, over every session
 
 
-def load_data(info: DatasetInfo, data_dir: Path, device: torch.device, validation_size: int, seed: int,
+def load_data(info: DatasetInfo, data_dir: Path, device: torch.device, validation_size: int | float, seed: int,
               train_limit: int | None = None, test_limit: int | None = None,
               normalization: tuple[float, float] | None = None) -> Data:
     """Training, validation and test tensors on `device`, normalized with the training images'
@@ -88,7 +91,7 @@ def load_data(info: DatasetInfo, data_dir: Path, device: torch.device, validatio
     return Data(info, mean, std,
                 normalize(train_images, mean, std).to(device), train_labels.to(device),
                 normalize(validation.images, mean, std).to(device), validation.labels.to(device),
-                normalize(test_images, mean, std).to(device), test_labels.to(device))
+                normalize(test_images, mean, std).to(device), test_labels.to(device), validation_size)
 
 
 def build_run(settings: dict, epochs: int, checkpoint_dir: Path, device: torch.device,
@@ -121,6 +124,7 @@ def build_run(settings: dict, epochs: int, checkpoint_dir: Path, device: torch.d
         run.best_validation_accuracy = resumed["best_validation_accuracy"]
         run.best_epoch = resumed["best_epoch"]
         run.run_id = resumed["run_id"]
+        run.wall_seconds = resumed["wall_seconds"]
     if not run.run_id:
         import uuid
         run.run_id = uuid.uuid4().hex[:12]
@@ -156,9 +160,11 @@ def shift_images(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 
 def train_epoch(model, optimizer, images, labels, batch_size, order, progress,
                 group: distributed.Group = distributed.Group(), scheduler=None,
-                flips: torch.Tensor | None = None, shifts: torch.Tensor | None = None) -> float:
+                flips: torch.Tensor | None = None, shifts: torch.Tensor | None = None,
+                robust: tuple[augment.EpochDraws, dict, float, float] | None = None) -> float:
     """One pass over `order`. flips: a bool per training image, True to mirror it this epoch;
-    shifts: a (dy, dx) per training image to move it by this epoch."""
+    shifts: a (dy, dx) per training image to move it by this epoch; robust: the epoch's draws,
+    the ranges and the normalization for train/augment.py."""
     model.train()
     total_loss = torch.zeros((), device=images.device)
     order = order.to(images.device)
@@ -170,6 +176,9 @@ def train_epoch(model, optimizer, images, labels, batch_size, order, progress,
             x = torch.where(flips[mine].view(-1, 1, 1, 1), x.flip(-1), x)
         if shifts is not None:
             x = shift_images(x, shifts[mine])
+        if robust is not None:
+            draws, ranges, mean, std = robust
+            x = augment.augment(x, draws.take(mine), ranges, mean, std)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = F.nll_loss(model(x), labels[mine], reduction="sum")
         # DDP averages gradients over the ranks: scaled so, the step is that of the global mean
@@ -218,11 +227,14 @@ def train(run: Run, last_epoch: int, test_batch_size: int = 1000) -> None:
         flips = epoch_flips(len(data.y_train), settings["seed"], epoch).to(run.device) if settings["flip"] else None
         shifts = (epoch_shifts(len(data.y_train), settings["seed"], epoch, settings["shift"]).to(run.device)
                   if settings["shift"] else None)
+        robust = ((augment.epoch_draws(len(data.y_train), settings["seed"], epoch).to(run.device),
+                   augment.parameters(settings["robust"]), data.mean, data.std)
+                  if settings["robust"] else None)
         with tqdm(total=len(order), desc=f"epoch {epoch}/{run.epochs}", unit="img",
                   disable=None if run.group.is_main else True, leave=False, file=sys.stderr) as progress:
             train_loss = train_epoch(trained, run.optimizer, data.x_train, data.y_train,
                                      settings["batch_size"], order, progress, run.group, run.scheduler, flips,
-                                     shifts)
+                                     shifts, robust)
         if run.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
@@ -232,8 +244,9 @@ def train(run: Run, last_epoch: int, test_batch_size: int = 1000) -> None:
                        images_per_second=round(len(order) / seconds, 1))
             run.history.append({key: row[key] for key in HISTORY_COLUMNS})
             # best.pt is chosen on the validation set; the test set only reports
-            improved = row["validation_accuracy"] > run.best_validation_accuracy
+            improved = best_epoch(run.history)["epoch"] == epoch
             run.best_validation_accuracy = max(run.best_validation_accuracy, row["validation_accuracy"])
+            run.wall_seconds += time.perf_counter() - started  # before the write that records it
             save_checkpoints(run, epoch, improved)
             print(f"[train] epoch {epoch}/{run.epochs}: train loss {train_loss:.4f}; validation loss "
                   f"{row['validation_loss']:.4f}, accuracy {100 * row['validation_accuracy']:.2f}%; test loss "
@@ -257,8 +270,10 @@ def evaluate(run: Run, batch_size: int) -> dict:
 
 
 def best_epoch(history: list[dict]) -> dict:
-    """The history row best.pt holds: the first epoch with the highest validation accuracy."""
-    return max(history, key=lambda row: (row["validation_accuracy"], -row["epoch"]))
+    """The history row best.pt holds: the epoch with the highest validation accuracy; among
+    equals the lower validation loss (a small validation set is often all right for many
+    epochs, and the first of them is the least trained), then the earlier epoch."""
+    return max(history, key=lambda row: (row["validation_accuracy"], -row["validation_loss"], -row["epoch"]))
 
 
 def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
@@ -284,6 +299,7 @@ def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
         "best_validation_accuracy": run.best_validation_accuracy,
         "best_epoch": run.best_epoch,
         "run_id": run.run_id,
+        "wall_seconds": round(run.wall_seconds, 3),
         # torchrun's id of this launch (stable across its --max-restarts): a restarted group
         # resumes only a last.pt written by its own launch.
         "launch_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
@@ -291,7 +307,9 @@ def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
                  "mean": run.data.mean, "std": run.data.std, "input_shape": list(INPUT_SHAPE),
                  # the validation set is held out of the training set: seed and size say which
                  "splits": {**run.data.sizes(), "validation_held_out_of": "train",
-                            "validation_seed": run.settings["seed"]}},
+                            "validation_seed": run.settings["seed"],
+                            "validation_size": run.data.validation_size},
+                 "augmentation": augmentation_record(run.settings)},
         "torch_version": str(torch.__version__),
         "trained_on": run.device.type,
         "world_size": run.group.world_size,
@@ -306,6 +324,13 @@ def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
             f"writing the checkpoints of epoch {epoch} in {run.checkpoint_dir} failed: {error}. "
             f"The previous last.pt and best.pt are intact (no temporary file is left); free space "
             f"there, then continue with the same command and --resume") from None
+
+
+def augmentation_record(settings: dict) -> dict:
+    """What the training images went through, as plain data (checkpoint and bundle.json)."""
+    strength = settings["robust"]
+    return {"flip": bool(settings["flip"]), "shift": settings["shift"],
+            "robustness": strength, "robustness_ranges": augment.parameters(strength) if strength else {}}
 
 
 def write_metrics(history: list[dict], directory: Path) -> None:

@@ -35,8 +35,9 @@ class TrainingSettings:
     schedule: str
     flip: bool
     shift: int
+    robust: float
     seed: int
-    validation_size: int
+    validation_size: int | float  # a count, or a fraction of the training set
     train_limit: int | None
     test_limit: int | None
     # how this process runs: a resume may change them
@@ -49,6 +50,7 @@ class TrainingSettings:
     start_over: bool
     stop_after_epoch: int | None
     prepare_data_only: bool
+    summary: bool = False
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "settings") -> "TrainingSettings":
