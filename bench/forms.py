@@ -93,7 +93,7 @@ def pen_coverage(image: np.ndarray, side: int, pen: str, rng) -> np.ndarray:
         big = core.filter(ImageFilter.MinFilter(k)) if k > 1 else core
         big = big.filter(ImageFilter.GaussianBlur(0.6))
     elif pen == "marker":
-        k = 2 * max(1, int(width * 0.5)) + 1
+        k = 2 * max(1, int(width * 0.8)) + 1  # each side grows by 0.8 of the width
         big = big.filter(ImageFilter.MaxFilter(k))
     return np.asarray(big, dtype=np.float64) / 255.0
 

@@ -352,7 +352,8 @@ def keep_the_writing(ink: np.ndarray, recipe: dict) -> tuple[np.ndarray, list[in
     side / recipe["cells"])), a cell is ink where its mean is above recipe["cell_threshold"] *
     255; 8-connected cells are components, weighed by their cells' ink. Kept: the heaviest and
     every component at least recipe["component_mass"] of its weight within
-    recipe["component_gap"] of its longer side (box to box, in cells); the ink elsewhere,
+    recipe["component_gap"] of its longer side (box to box, in cells) that does not touch the
+    image's edge (what is left of a shadow's or the page's edge does); the ink elsewhere,
     beyond one cell around the kept ones, is cleared. Returns the ink and [kept, found]."""
     h, w = ink.shape
     c = -(-max(h, w) // int(recipe["cells"]))
@@ -373,7 +374,9 @@ def keep_the_writing(ink: np.ndarray, recipe: dict) -> tuple[np.ndarray, list[in
     keep = np.zeros(len(masses) + 1, dtype=bool)
     for i, ((y0, y1, x0, x1), mass) in enumerate(zip(boxes, masses)):
         distance = max(y0 - my1, my0 - y1, x0 - mx1, mx0 - x1, 0)
-        keep[i + 1] = i == main or (mass >= float(recipe["component_mass"]) * masses[main] and distance <= gap)
+        at_edge = y0 == 0 or x0 == 0 or y1 == gh - 1 or x1 == gw - 1  # a shadow's or the page's edge
+        keep[i + 1] = i == main or (mass >= float(recipe["component_mass"]) * masses[main] and distance <= gap
+                                    and not at_edge)
     kept_cells = square_filter(keep[labels].astype(np.float64), 1, np.maximum) > 0
     mask = np.repeat(np.repeat(kept_cells, c, axis=0), c, axis=1)[:h, :w]
     return np.where(mask, ink, 0.0), [int(keep.sum()), len(masses)]
@@ -443,10 +446,14 @@ def normalize_stroke_width(crop: np.ndarray, recipe: dict) -> tuple[np.ndarray, 
     target * tolerance is brought to the target: a square maximum (thin) or minimum (thick) of
     radius r = floor(|target - w| / 2 / scale + 0.5) in the crop's pixels (each side of a stroke
     moves by r), the crop padded by r with zeros, then cropped again to its bounding box above
-    recipe["object_threshold"]. Returns the crop and w."""
+    recipe["object_threshold"]. A crop under twice the box on its long side (the data set's own
+    images among them) is left as it is: its outline is too jagged to measure. Returns the crop
+    and w."""
     scale = int(recipe["box"]) / max(crop.shape)
     width = stroke_width(crop) * scale
     target, tolerance = float(recipe["stroke_width"]), float(recipe["stroke_tolerance"])
+    if max(crop.shape) < 2 * int(recipe["box"]):  # too few pixels to measure a stroke by its outline
+        return crop, width
     if width <= 0 or target / tolerance <= width <= target * tolerance:
         return crop, width
     radius = math.floor(abs(target - width) / 2 / scale + 0.5)
