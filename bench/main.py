@@ -298,9 +298,13 @@ def bench_framing(build: Path, count: int = 1000) -> dict:
     drawings and phone JPEGs, framing off and auto, next to the data set's own form."""
     from bench.realistic_inputs import framing_report
 
+    from bench.forms import forms_report
+
     report = framing_report(build, DATA_DIR, count)
     log("framing: " + ", ".join(f"{form} {100 * row['framing_auto']:.1f}% (off {100 * row['framing_off']:.1f}%)"
                                 for form, row in report["forms"].items()))
+    report["per_form"] = forms_report(build, DATA_DIR, min(count, 500))  # every form that applies
+    log("forms: " + ", ".join(f"{form} {100 * a:.1f}%" for form, a in report["per_form"]["accuracy"].items()))
     return report
 
 
@@ -712,6 +716,9 @@ def write_markdown(r: dict, path: Path) -> None:
         from bench.realistic_inputs import markdown_table
         lines += ["", "## Real-world inputs: accuracy per form (bench/realistic_inputs.py)", "",
                   markdown_table(r["framing"])]
+        if "per_form" in r["framing"]:
+            from bench.forms import markdown_table as forms_table
+            lines += ["", "## Every form that applies: accuracy (bench/forms.py)", "", forms_table(r["framing"]["per_form"])]
     path.write_text("\n".join(lines) + "\n")
 
 
