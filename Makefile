@@ -18,7 +18,7 @@ VARIANT ?= cpu
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean
+.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean bench-forms
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -102,3 +102,7 @@ image-test: archive  ## build the CPU image and smoke-test it: healthy, REST ans
 
 clean:  ## remove build outputs (keeps data/, checkpoints/ and the venv)
 	rm -rf build model_store/*.mar logs key_file.json .pytest_cache
+
+FORMS_COUNT ?= 500
+bench-forms: install  ## accuracy per form people send (ruled/squared paper, fine pen, shadow, ...) of build/'s model (bench/forms.py)
+	OMP_NUM_THREADS=1 $(PYTHON) -m bench.forms --build build --data-dir data --count $(FORMS_COUNT)
