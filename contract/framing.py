@@ -285,20 +285,20 @@ def sharpen(x: np.ndarray, amount: float) -> np.ndarray:
 
 def running(x: np.ndarray, radius: int, op) -> np.ndarray:
     """Minimum (op=np.minimum) or maximum (np.maximum) over the window x-r..x+r along the last
-    axis, pixels outside the array ignored: van Herk / Gil-Werman, three operations a pixel
-    whatever the window."""
+    axis of a 2-D array, pixels outside it ignored: van Herk / Gil-Werman, three operations a
+    pixel whatever the window (worked along the first axis, where numpy runs them in bulk)."""
     if radius < 1:
         return x.copy()
+    columns = np.ascontiguousarray(x.T)
     k = 2 * radius + 1
-    n = x.shape[-1]
-    m = -(-(n + 2 * radius) // k) * k
-    fill = np.inf if op is np.minimum else -np.inf
-    padded = np.full(x.shape[:-1] + (m,), fill)
-    padded[..., radius:radius + n] = x
-    blocks = padded.reshape(x.shape[:-1] + (m // k, k))
-    forward = op.accumulate(blocks, axis=-1).reshape(padded.shape)
-    backward = op.accumulate(blocks[..., ::-1], axis=-1)[..., ::-1].reshape(padded.shape)
-    return op(backward[..., :n], forward[..., 2 * radius:2 * radius + n])
+    n, m = columns.shape
+    padded_length = -(-(n + 2 * radius) // k) * k
+    padded = np.full((padded_length, m), np.inf if op is np.minimum else -np.inf)
+    padded[radius:radius + n] = columns
+    blocks = padded.reshape(padded_length // k, k, m)
+    forward = op.accumulate(blocks, axis=1).reshape(padded.shape)
+    backward = op.accumulate(blocks[:, ::-1], axis=1)[:, ::-1].reshape(padded.shape)
+    return np.ascontiguousarray(op(backward[:n], forward[2 * radius:2 * radius + n]).T)
 
 
 def square_filter(x: np.ndarray, radius: int, op) -> np.ndarray:
