@@ -86,14 +86,16 @@ def make_form(image: np.ndarray, form: str, seed: int, index: int) -> bytes:
 def pen_coverage(image: np.ndarray, side: int, pen: str, rng) -> np.ndarray:
     """side x side ink coverage 0..1; a fine pen keeps the strokes' core, a marker widens them."""
     big = Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC)
-    width = side * 2.5 / 28  # the data set's strokes: about 2.5 of its 28 pixels
+    if pen in ("fine", "marker"):
+        from contract.framing import stroke_width
+        width = stroke_width(np.asarray(big, dtype=np.float64))  # this glyph's own strokes, in pixels
     if pen == "fine":
         core = big.point(lambda v: 255 if v > 128 else 0)
-        k = 2 * int(width * 0.4) + 1  # leaves about a third of the width
+        k = 2 * int(width / 3) + 1  # each side moves in by a third: a third of the width is left
         big = core.filter(ImageFilter.MinFilter(k)) if k > 1 else core
         big = big.filter(ImageFilter.GaussianBlur(0.6))
     elif pen == "marker":
-        k = 2 * max(1, int(width * 0.8)) + 1  # each side grows by 0.8 of the width
+        k = 2 * max(1, int(width / 2)) + 1  # each side moves out by half: twice the width
         big = big.filter(ImageFilter.MaxFilter(k))
     return np.asarray(big, dtype=np.float64) / 255.0
 

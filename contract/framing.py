@@ -350,8 +350,8 @@ def keep_the_writing(ink: np.ndarray, recipe: dict) -> tuple[np.ndarray, list[in
     """Step 4a. Paper dots, specks and a neighbour's scribble are apart from the writing; the
     strokes of one digit are near each other. On a grid of cells (c x c pixels, c = ceil(long
     side / recipe["cells"])), a cell is ink where its mean is above recipe["cell_threshold"] *
-    255; 8-connected cells are components, weighed by their cells' ink. Kept: the heaviest and
-    every component at least recipe["component_mass"] of its weight within
+    255; 8-connected cells are components, weighed by their cells' ink. Kept: the heaviest of
+    those that do not touch the image's edge (of all, when every one does) and every component at least recipe["component_mass"] of its weight within
     recipe["component_gap"] of its longer side (box to box, in cells) that does not touch the
     image's edge (what is left of a shadow's or the page's edge does); the ink elsewhere,
     beyond one cell around the kept ones, is cleared. Returns the ink and [kept, found]."""
@@ -368,15 +368,17 @@ def keep_the_writing(ink: np.ndarray, recipe: dict) -> tuple[np.ndarray, list[in
     labels, boxes, masses = label_cells(on, sums)
     if not masses:
         return ink, [0, 0]
-    main = int(np.argmax(masses))
+    # what touches the image's edge is more often a shadow's or the page's edge than writing
+    at_edge = [y0 == 0 or x0 == 0 or y1 == gh - 1 or x1 == gw - 1 for y0, y1, x0, x1 in boxes]
+    inside = [mass if not edge else -1.0 for mass, edge in zip(masses, at_edge)]
+    main = int(np.argmax(inside)) if max(inside) > 0 else int(np.argmax(masses))
     my0, my1, mx0, mx1 = boxes[main]
     gap = float(recipe["component_gap"]) * max(my1 - my0 + 1, mx1 - mx0 + 1)
     keep = np.zeros(len(masses) + 1, dtype=bool)
     for i, ((y0, y1, x0, x1), mass) in enumerate(zip(boxes, masses)):
         distance = max(y0 - my1, my0 - y1, x0 - mx1, mx0 - x1, 0)
-        at_edge = y0 == 0 or x0 == 0 or y1 == gh - 1 or x1 == gw - 1  # a shadow's or the page's edge
         keep[i + 1] = i == main or (mass >= float(recipe["component_mass"]) * masses[main] and distance <= gap
-                                    and not at_edge)
+                                    and not at_edge[i])
     kept_cells = square_filter(keep[labels].astype(np.float64), 1, np.maximum) > 0
     mask = np.repeat(np.repeat(kept_cells, c, axis=0), c, axis=1)[:h, :w]
     return np.where(mask, ink, 0.0), [int(keep.sum()), len(masses)]

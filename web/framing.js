@@ -281,13 +281,16 @@ function keepTheWriting(ink, recipe) {
     masses.push(mass);
   }
   if (!masses.length) return [ink, [0, 0]];
-  let main = 0;
-  masses.forEach((m, i) => { if (m > masses[main]) main = i; });
+  // what touches the image's edge is more often a shadow's or the page's edge than writing
+  const atEdge = boxes.map(([y0, y1, x0, x1]) => y0 === 0 || x0 === 0 || y1 === gh - 1 || x1 === gw - 1);
+  const inside = masses.map((m, i) => (atEdge[i] ? -1 : m));
+  const argmax = (values) => values.reduce((best, v, i) => (v > values[best] ? i : best), 0);
+  const main = Math.max(...inside) > 0 ? argmax(inside) : argmax(masses);
   const [my0, my1, mx0, mx1] = boxes[main];
   const gap = recipe.component_gap * Math.max(my1 - my0 + 1, mx1 - mx0 + 1);
   const keep = [false, ...boxes.map(([y0, y1, x0, x1], i) => i === main ||
     (masses[i] >= recipe.component_mass * masses[main] && Math.max(y0 - my1, my0 - y1, x0 - mx1, mx0 - x1, 0) <= gap
-     && !(y0 === 0 || x0 === 0 || y1 === gh - 1 || x1 === gw - 1)))]; // not a shadow's or the page's edge
+     && !atEdge[i]))];
   const kept = squareFilter(image(gh, gw, Float64Array.from(labels, (l) => (keep[l] ? 1 : 0))), 1, false);
   const out = image(h, w);
   for (let y = 0; y < h; y++) {
