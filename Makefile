@@ -20,7 +20,7 @@ VARIANT ?= cpu
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean test-fast lint format oip-venv serve-oip stop-oip gateway stop-gateway
+.PHONY: help install data train export archive keys quantize ort edge web serve predict stop test test-gpu parity peers-venv bench demo image image-test clean test-fast lint format oip-venv serve-oip stop-oip gateway stop-gateway bench-forms
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -140,3 +140,7 @@ gateway: install  ## the nginx gateway (deploy/gateway.nginx.conf) on loopback G
 
 stop-gateway:  ## stop the gateway started by `make gateway`; returns once nginx has exited
 	$(PYTHON) -m serve.gateway stop
+
+FORMS_COUNT ?= 500
+bench-forms: install  ## accuracy per form people send (ruled/squared paper, fine pen, shadow, ...) of build/'s model (bench/forms.py)
+	OMP_NUM_THREADS=1 $(PYTHON) -m bench.forms --build build --data-dir data --count $(FORMS_COUNT)

@@ -15,4 +15,8 @@ def bench_framing(build: Path, count: int = 1000) -> dict:
     report = framing_report(build, DATA_DIR, count)
     log("framing: " + ", ".join(f"{form} {100 * row['framing_auto']:.1f}% (off {100 * row['framing_off']:.1f}%)"
                                 for form, row in report["forms"].items()))
+    from bench.forms import forms_report
+
+    report["per_form"] = forms_report(build, DATA_DIR, min(count, 500))  # every form that applies
+    log("forms: " + ", ".join(f"{form} {100 * a:.1f}%" for form, a in report["per_form"]["accuracy"].items()))
     return report

@@ -196,6 +196,9 @@ def write_markdown(r: dict, path: Path) -> None:
         from bench.realistic_inputs import markdown_table
         lines += ["", "## Real-world inputs: accuracy per form (bench/realistic_inputs.py)", "",
                   markdown_table(r["framing"])]
+        if "per_form" in r["framing"]:
+            from bench.forms import markdown_table as forms_table
+            lines += ["", "## Every form that applies: accuracy (bench/forms.py)", "", forms_table(r["framing"]["per_form"])]
     path.write_text("\n".join(lines) + "\n")
 
 
