@@ -23,7 +23,7 @@ from export.signing import KeyPermissionError, SignatureError, check_public_key,
 from export.verify import verify_archive, verify_archive_release
 from serve.client import read_properties
 from serve.trust import STATE_DIR_ENV, ServedState, TrustError
-from tests.conftest import ROOT, run_module
+from tests.helpers import ROOT, run_module
 # Fixtures (tiny: a model trained on 2,000 images, archived and signed) and attack helpers shared
 # with the signing tests; pytest registers an imported fixture under its own name.
 from tests.test_security import refuse_model_loading, rewrite, serve, serve_config, tiny  # noqa: F401
@@ -65,6 +65,7 @@ def state(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- 4. the release, signed; rollback refused
 
+@pytest.mark.slow
 def test_the_release_is_signed_with_the_archive(tiny, signing_keys, tmp_path, refuse_model_loading):
     release = release_of(tiny.mar)
     assert type(release["model_version"]) is int and release["model_version"] >= 20260101000000
@@ -84,6 +85,7 @@ def test_the_release_is_signed_with_the_archive(tiny, signing_keys, tmp_path, re
         verify_archive(unversioned, signing_keys.public)
 
 
+@pytest.mark.slow
 def test_the_default_version_grows_past_the_store_and_an_explicit_one_is_kept(tiny, tmp_path):
     store = tmp_path / "store"
     explicit = archive_as(tiny, store, "--model-version", "99990101000000")
@@ -137,6 +139,7 @@ def test_a_damaged_state_file_is_an_error_not_a_reset(state, damage):
         state.check("mnist", {"model_version": 1, "built_at": "2020-01-01T00:00:00Z"}, "a" * 64, False)
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_rollback_and_a_wrong_digest_before_torchserve_starts(tiny, tmp_path, state):
     """Real `serve start` commands: the newest release served is recorded; an older archive signed
     by the same key, or any archive but the pinned one, is refused and TorchServe never starts."""
@@ -186,6 +189,7 @@ serve.main.main(sys.argv[3:])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.torchserve
 def test_an_archive_renamed_over_the_store_after_the_check_is_not_served(tiny, tmp_path, state):
     store, workdir, marker = tmp_path / "store", tmp_path / "run", tmp_path / "handler-ran"
@@ -255,6 +259,7 @@ def test_a_key_others_can_replace_is_refused_with_the_fix(tmp_path):
         check_public_key(link)
 
 
+@pytest.mark.slow
 def test_a_public_key_replaced_by_another_user_is_refused_and_nothing_runs(tiny, tmp_path, monkeypatch):
     """The attack of issue 23: a world-writable key folder; another user puts their public key
     there and their own signed archive in the store. `serve start` refuses and starts nothing."""
@@ -291,6 +296,7 @@ def test_a_public_key_replaced_by_another_user_is_refused_and_nothing_runs(tiny,
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_private_key_others_can_read_signs_nothing(tiny, tmp_path, monkeypatch):
     private, _ = create_key_pair(tmp_path / "keys")
     os.chmod(private, 0o640)
@@ -342,6 +348,7 @@ def foreground(store: Path, workdir: Path, config: Path, *args: str, env=None) -
                                 env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 @pytest.mark.torchserve
 def test_the_entrypoint_verifies_then_becomes_torchserve(tiny, tmp_path, state):
     from serve.client import Server

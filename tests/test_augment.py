@@ -25,7 +25,7 @@ def test_shifts_are_a_function_of_seed_and_epoch():
 # Robustness augmentation (train/augment.py) and the label-safe choice per data set (train/data.py)
 import pytest  # noqa: E402
 
-from tests.conftest import DATA_DIR, run_module  # noqa: E402
+from tests.helpers import DATA_DIR, run_module  # noqa: E402
 from train import augment  # noqa: E402
 from train.checkpoint import load_checkpoint  # noqa: E402
 from train.data import DATASETS  # noqa: E402

@@ -18,7 +18,7 @@ from serve.process import free_ports
 from tests import hostile
 from tests.helpers import ROOT, report
 
-pytestmark = pytest.mark.gateway  # and torchserve, on each test that sends through to one
+pytestmark = [pytest.mark.gateway, pytest.mark.slow]  # and torchserve, on each test that sends through to one
 
 
 @pytest.fixture(scope="module")

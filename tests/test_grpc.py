@@ -15,7 +15,7 @@ from serve.grpc_client import GrpcClient, write_stubs
 from tests.helpers import BackgroundClients, report
 from tests.hostile import bad_cases, good_cases
 
-pytestmark = pytest.mark.torchserve
+pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from serve.process import free_ports
 from tests import runtimes
 from tests.helpers import ROOT, report
 
-pytestmark = pytest.mark.oip
+pytestmark = [pytest.mark.oip, pytest.mark.slow]
 OIP_PYTHON = ROOT / ".venv-oip" / "bin" / "python"
 CLIENTS = ("triton-http-json", "triton-http-binary", "triton-grpc", "kserve-rest", "kserve-grpc")
 INPUTS = ("fp32", "uint8", "bytes")

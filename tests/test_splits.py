@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from tests.conftest import DATA_DIR, run_module
+from tests.helpers import DATA_DIR, run_module
 from train.checkpoint import load_checkpoint
 from train.data import (DATASETS, TensorData, hold_out, load_split, parse_validation_size,
                         validation_count)

@@ -17,7 +17,7 @@ from bench.forms import DIGIT_FORMS, make_form
 from bench.standin_digits import make as make_digits
 from contract.framing import frame, recipe_for
 from contract.preprocessing import decode
-from tests.conftest import ROOT, report
+from tests.helpers import ROOT, report
 
 pytestmark = pytest.mark.browser
 

@@ -15,7 +15,7 @@ import pytest
 from contract.preprocessing import MAX_BODY_BYTES
 from web.server import PageHandler
 
-pytestmark = pytest.mark.torchserve
+pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
