@@ -25,12 +25,21 @@ applied (contract/preprocessing.py turns the decoded arrays upright). Steps, in 
    row, bottom row, left column, right column (full rows and columns); m0 = median of the ring;
    B(y, x) = m0 + (x - (W-1)/2) * (mr - ml) / max(W-1, 1) + (y - (H-1)/2) * (mb - mt) / max(H-1, 1).
    Ink I = clip(L - B, 0, 255). This removes paper colour and a linear lighting gradient.
+   3a, 3b (recipes with "opening", the MNIST one: handwriting on a page). The background left
+   after the plane is taken off by an opening (subtract_opening), then printed lines, rows and
+   columns of ink across most of the image, lose their own level (remove_lines).
 4. Contrast. peak = max(I). If peak < recipe["min_contrast"] there is no object: framing is not
    applied (the plain square fit is used, as with framing off). Otherwise I = I / peak * 255
    (the darkest ink becomes 255).
+   4a (recipes with "cells"). Only the writing's connected components are kept: the heaviest
+   one clear of the image's edge and the strokes near it (keep_the_writing).
 5. The object: the bounding box of the pixels with I > recipe["object_threshold"] * 255 (paper
    texture and sensor noise stay below it): rows r0..r1, columns c0..c1 (inclusive); crop I to
    it. (Faint ink inside the box is kept: the resize below averages the noise away.)
+   5a (recipes with "stroke_width"). A crop of at least twice the box whose stroke width is
+   outside the recipe's tolerance is widened or thinned towards it (normalize_stroke_width).
+   Each of these steps is specified exactly in its function's docstring; all are min/max,
+   medians, counts and sums, so the browser's copy gives the same values.
 6. Scale so that the longer side is recipe["box"] pixels, aspect kept: the other side is
    max(1, floor(short * box / long + 0.5)). Resampling is separable, a triangle (tent) filter
    scaled for antialiasing, per axis from n_in to n_out: scale = n_in / n_out,
