@@ -23,7 +23,7 @@ from export.signing import KeyPermissionError, SignatureError, check_public_key,
 from export.verify import verify_archive, verify_archive_release
 from serve.client import read_properties
 from serve.trust import STATE_DIR_ENV, ServedState, TrustError
-from tests.helpers import ROOT, run_module
+from tests.helpers import ROOT, report, run_module
 # Fixtures (tiny: a model trained on 2,000 images, archived and signed) and attack helpers shared
 # with the signing tests; pytest registers an imported fixture under its own name.
 from tests.test_security import refuse_model_loading, rewrite, serve, serve_config, tiny  # noqa: F401
@@ -411,3 +411,6 @@ def test_the_image_refuses_a_tampered_archive_at_start_and_serves_the_signed_one
                             text=True, timeout=3600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("refused (") == 5 and "image-test passed" in result.stdout, result.stdout
+    for line in result.stdout.splitlines():
+        if line.startswith(("refused (", "healthy ", "image-test passed")):
+            report(f"image: {line}")
