@@ -117,11 +117,13 @@ def test_resume_is_bit_exact(tmp_path, recipe):
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
 
 
+@pytest.mark.slow  # starts `python -m train`/`export`: seconds of imports
 def test_resume_without_checkpoint_says_so(tmp_path):
     result = run_module("train", "--resume", "--checkpoint-dir", str(tmp_path), check=False)
     assert result.returncode != 0 and "no checkpoint at" in result.stderr
 
 
+@pytest.mark.slow  # starts `python -m train`/`export`: seconds of imports
 def test_a_checkpoint_of_an_older_format_is_not_resumed(tmp_path):
     settings = {"dataset": "fashion-mnist", "seed": 1, "lr": 0.01}  # from before the validation split
     save_checkpoint({"format_version": 1, "epoch": 1, "settings": settings}, tmp_path / "last.pt")
@@ -146,6 +148,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
+@pytest.mark.slow  # starts `python -m train`/`export`: seconds of imports
 def test_pickled_objects_are_refused(tmp_path):
     import argparse
     evil = tmp_path / "evil.pt"
@@ -349,6 +352,7 @@ def test_nodes_without_a_shared_folder_resume_from_rank_0s_state(tmp_path):
     assert not list((tmp_path / "node1").iterdir())
 
 
+@pytest.mark.slow  # starts `python -m train`/`export`: seconds of imports
 def test_preparing_data_ignores_the_checkpoint_folder(tmp_path):
     """`make data` after a run: no refusal about the run's checkpoints."""
     a_checkpoint(tmp_path / "last.pt")
