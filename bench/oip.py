@@ -26,8 +26,8 @@ import numpy as np
 
 from bench.load import wrk, write_script
 from serve.process import free_ports
+from contract.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 OIP_PYTHON = ROOT / ".venv-oip" / "bin" / "python"
 
 

@@ -56,7 +56,7 @@ class Bundle:
     edge: dict = field(default_factory=dict)  # {"int8": ..., "ort": ...} after quantize / ort
 
     @classmethod
-    def from_dict(cls, data, source: str = BUNDLE_FILE) -> "Bundle":
+    def from_dict(cls, data, source: str = BUNDLE_FILE) -> Bundle:
         """The checked bundle; BundleError names the field, or says how to rebuild an old file."""
         if not isinstance(data, dict):
             raise BundleError(f"{source}: not a JSON object")

@@ -28,8 +28,8 @@ import urllib.request
 from pathlib import Path
 
 from contract import MODEL_NAME
+from contract.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT = 8085, 8086
 STOP_PATIENCE_S = 45  # KServe's grace period for requests in flight is 30 s
 

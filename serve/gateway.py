@@ -29,8 +29,8 @@ import requests
 
 from serve.client import Server, ServerError, read_properties
 from serve.process import private_directory
+from contract.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "deploy" / "gateway.nginx.conf"
 RUN_DIR = ROOT / "logs" / "gateway"
 METRICS_HOSTS = ("localhost", "127.0.0.1")

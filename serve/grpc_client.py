@@ -120,7 +120,7 @@ class GrpcClient:
         self.inference_channel.close()
         self.management_channel.close()
 
-    def __enter__(self) -> "GrpcClient":
+    def __enter__(self) -> GrpcClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -120,3 +120,30 @@ def torchserve(artifacts, tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(torchserve):
     return torchserve.server
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, signing_keys):
+    """A model trained one epoch on 2,000 real images, exported, archived and signed with the
+    suite's key: the real commands, small enough to rebuild in the kill tests."""
+    base = tmp_path_factory.mktemp("tiny")
+    run_module("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--epochs", "1",
+               "--train-limit", "2000", "--test-limit", "500", "--threads", "1",
+               "--checkpoint-dir", str(base / "checkpoints"))
+    run_module("export", "build", "--checkpoint", str(base / "checkpoints" / "best.pt"), "--build-dir",
+               str(base / "build"), "--data-dir", str(DATA_DIR), "--check-images", "64")
+    run_module("export", "archive", "--build-dir", str(base / "build"), "--model-store", str(base / "store"))
+    return SimpleNamespace(checkpoint=base / "checkpoints" / "best.pt", build_dir=base / "build",
+                           model_store=base / "store", mar=base / "store" / "mnist.mar")
+
+
+@pytest.fixture
+def refuse_model_loading(monkeypatch):
+    """Fail the test if anything loads a model (runs code from the archive)."""
+    import torch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model from the archive was loaded before the archive was trusted")
+    monkeypatch.setattr(torch.jit, "load", forbidden)
+    import onnxruntime
+    monkeypatch.setattr(onnxruntime, "InferenceSession", forbidden)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from contract.bundle import load_bundle
 from contract.paths import DATA_DIR, ROOT
+from serve.process import free_ports, write_config
 
 __all__ = ["DATA_DIR", "ROOT"]  # re-exported: the tests' one import for both
 
@@ -172,3 +173,40 @@ def missing_markers(fixturenames, markers) -> set[str]:
     """The markers that the fixtures a test uses imply and the test does not carry."""
     implied = set().union(*(FIXTURE_MARKERS.get(name, set()) for name in fixturenames))
     return implied - set(markers)
+
+
+# ---------------------------------------------------------------- archives and `serve` commands
+
+def rewrite(mar: Path, target: Path, replace: dict | None = None, add: dict | None = None,
+            drop: tuple = ()) -> Path:
+    """A copy of `mar` with members replaced, added or dropped; the signature is carried over as is."""
+    replace, add = replace or {}, add or {}
+    with zipfile.ZipFile(mar) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if item.filename not in drop:
+                dst.writestr(item.filename, replace.get(item.filename, src.read(item)))
+        for name, data in add.items():
+            dst.writestr(name, data)
+    return target
+
+
+def serve_config(path: Path) -> Path:
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    write_config(ROOT / "config.properties", path, {
+        "inference_address": f"http://127.0.0.1:{inference}",
+        "management_address": f"http://127.0.0.1:{management}",
+        "metrics_address": f"http://127.0.0.1:{metrics}",
+        "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
+        "initial_worker_port": str(20000 + inference % 20000)})
+    return path
+
+
+def serve(*args, workdir: Path, config: Path, check=True, env=None):
+    return run_module("serve", *args, "--workdir", str(workdir), "--config", str(config), check=check,
+                      timeout=300, env=env)
+
+
+# Debian's chromium, driven by playwright (never `playwright install`), for the page's tests.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--headless"]

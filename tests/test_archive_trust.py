@@ -26,7 +26,7 @@ from serve.trust import STATE_DIR_ENV, ServedState, TrustError
 from tests.helpers import ROOT, report, run_module
 # Fixtures (tiny: a model trained on 2,000 images, archived and signed) and attack helpers shared
 # with the signing tests; pytest registers an imported fixture under its own name.
-from tests.test_security import refuse_model_loading, rewrite, serve, serve_config, tiny  # noqa: F401
+from tests.helpers import rewrite, serve, serve_config
 
 STRANGER_UID = 4242  # a user who is neither the test's nor root
 

@@ -104,14 +104,14 @@ def test_page_reads_jpeg_containers_like_the_server():
         pytest.fail("node not found: run `make install` (it installs Debian's nodejs)")
     cases = marker_cases()
     script = """
-        import * as m from %s;
+        import * as m from MODULE;
         let text = ""; for await (const chunk of process.stdin) text += chunk;
         const out = {};
         for (const [name, b64] of Object.entries(JSON.parse(text))) {
           const bytes = Uint8Array.from(Buffer.from(b64, "base64"));
           out[name] = [m.isJpegStream(bytes), m.jpegFrameIsProgressive(bytes), m.jpegScans(bytes)];
         }
-        console.log(JSON.stringify(out));""" % json.dumps((ROOT / "web" / "preprocessing.js").as_uri())
+        console.log(JSON.stringify(out));""".replace("MODULE", json.dumps((ROOT / "web" / "preprocessing.js").as_uri()))
     result = subprocess.run([node, "--input-type=module", "-e", script], capture_output=True, text=True,
                             timeout=60, input=json.dumps({k: base64.b64encode(v).decode() for k, v in cases.items()}))
     assert result.returncode == 0, result.stderr

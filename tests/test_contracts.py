@@ -74,11 +74,11 @@ def test_a_missing_field_is_refused_and_nothing_is_written(tmp_path):
 
 
 def test_a_checkpoint_of_an_older_format_names_the_way_out(tmp_path):
-    from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from train.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
     save_checkpoint({"format_version": 1, "epoch": 3}, tmp_path / "best.pt")
     with pytest.raises(CheckpointError, match=r"older `python -m train` \(checkpoint format 1, this code "
-                                              r"reads 2\): train a new run with `make train`.*`make export`"):
+                                              rf"reads {FORMAT_VERSION}\): train a new run with `make train`.*`make export`"):
         load_checkpoint(tmp_path / "best.pt")
 
 
@@ -86,7 +86,8 @@ def test_training_settings_are_checked_by_name():
     from train.main import parse_args
     from train.settings import SettingsError, TrainingSettings
 
-    settings = TrainingSettings.from_args(parse_args(["--recipe", "fast"])).to_dict()
+    # flip and robust are the data set's to decide under the fast recipe: given here, as run() fills them
+    settings = TrainingSettings.from_args(parse_args(["--recipe", "fast", "--no-flip", "--robust", "0"])).to_dict()
     assert settings["lr"] == 0.05 and settings["data_dir"] == "data"  # plain data: str, not Path
     assert TrainingSettings.from_dict(settings).to_dict() == settings
     for change, message in (({"lr": "0.1"}, "'lr' = '0.1' is not a float"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from contract.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 README_MAX_LINES = 200
 
@@ -50,7 +50,7 @@ def anchors(path: Path) -> set[str]:
 def broken_links(path: Path, root: Path = ROOT) -> list[str]:
     """Every relative link in a markdown file whose file or anchor does not exist."""
     problems = []
-    for number, line in enumerate(prose_lines(path.read_text(encoding="utf-8")), 1):
+    for line in prose_lines(path.read_text(encoding="utf-8")):
         for target in LINK.findall(line):
             if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
                 continue

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from contract.bundle import load_bundle, sha256_file
+from contract.bundle import sha256_file
 from formats import PT2_MAX_BATCH
 from serve.process import TorchServeProcess
 from tests import runtimes

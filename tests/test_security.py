@@ -15,50 +15,19 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 import pytest
-import torch
 
 from contract.bundle import BUNDLE_FILE, load_bundle, sha256_bytes, verify_recorded_files
 from export import signing
 from export.signing import SIGNATURE_NAME, SignatureError, create_key_pair
 from export.verify import ArchiveError, unpack, verify_archive
 from serve.client import Server, read_properties
-from serve.process import free_ports, write_config
-from tests.helpers import DATA_DIR, ROOT, report, run_module
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, signing_keys):
-    """A model trained one epoch on 2,000 real images, exported, archived and signed with the
-    suite's key: the real commands, small enough to rebuild in the kill tests."""
-    base = tmp_path_factory.mktemp("tiny")
-    run_module("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--epochs", "1",
-               "--train-limit", "2000", "--test-limit", "500", "--threads", "1",
-               "--checkpoint-dir", str(base / "checkpoints"))
-    run_module("export", "build", "--checkpoint", str(base / "checkpoints" / "best.pt"), "--build-dir",
-               str(base / "build"), "--data-dir", str(DATA_DIR), "--check-images", "64")
-    run_module("export", "archive", "--build-dir", str(base / "build"), "--model-store", str(base / "store"))
-    return SimpleNamespace(checkpoint=base / "checkpoints" / "best.pt", build_dir=base / "build",
-                           model_store=base / "store", mar=base / "store" / "mnist.mar")
+from tests.helpers import DATA_DIR, ROOT, report, rewrite, run_module, serve, serve_config
 
 
 # ---------------------------------------------------------------- archives, rewritten as an attacker would
-
-def rewrite(mar: Path, target: Path, replace: dict | None = None, add: dict | None = None,
-            drop: tuple = ()) -> Path:
-    """A copy of `mar` with members replaced, added or dropped; the signature is carried over as is."""
-    replace, add = replace or {}, add or {}
-    with zipfile.ZipFile(mar) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
-        for item in src.infolist():
-            if item.filename not in drop:
-                dst.writestr(item.filename, replace.get(item.filename, src.read(item)))
-        for name, data in add.items():
-            dst.writestr(name, data)
-    return target
-
 
 def raw_zip(path: Path, members: list[dict]) -> Path:
     """A zip written byte by byte, so that headers can say what zipfile would never write.
@@ -84,16 +53,6 @@ def raw_zip(path: Path, members: list[dict]) -> Path:
 def deflated(data: bytes) -> bytes:
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     return compressor.compress(data) + compressor.flush()
-
-
-@pytest.fixture
-def refuse_model_loading(monkeypatch):
-    """Fail the test if anything loads a model (runs code from the archive)."""
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model from the archive was loaded before the archive was trusted")
-    monkeypatch.setattr(torch.jit, "load", forbidden)
-    import onnxruntime
-    monkeypatch.setattr(onnxruntime, "InferenceSession", forbidden)
 
 
 @pytest.mark.slow
@@ -242,22 +201,6 @@ def test_verify_on_the_command_line_names_the_file(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- make serve: the refusal, the files it leaves
-
-def serve_config(path: Path) -> Path:
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
-    write_config(ROOT / "config.properties", path, {
-        "inference_address": f"http://127.0.0.1:{inference}",
-        "management_address": f"http://127.0.0.1:{management}",
-        "metrics_address": f"http://127.0.0.1:{metrics}",
-        "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
-        "initial_worker_port": str(20000 + inference % 20000)})
-    return path
-
-
-def serve(*args, workdir: Path, config: Path, check=True, env=None):
-    return run_module("serve", *args, "--workdir", str(workdir), "--config", str(config), check=check,
-                      timeout=300, env=env)
-
 
 @pytest.mark.slow
 def test_serve_refuses_a_tampered_archive_before_torchserve_starts(tiny, tmp_path):

@@ -39,7 +39,7 @@ def test_a_split_that_starves_training_or_validation_is_refused_saying_what_to_p
 def test_a_fraction_and_its_count_hold_out_the_same_images():
     split = TensorData(torch.arange(8000 * 4, dtype=torch.uint8).view(8000, 2, 2), torch.arange(8000) % 10)
     (rest_f, held_f), (rest_c, held_c) = hold_out(split, 0.1, seed=3), hold_out(split, 800, seed=3)
-    assert torch.equal(held_f.labels, held_c.labels) and len(rest_f) == 7200
+    assert torch.equal(held_f.labels, held_c.labels) and len(rest_f) == len(rest_c) == 7200
 
 
 def write_idx(raw, prefix, images: torch.Tensor, labels: torch.Tensor):

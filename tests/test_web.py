@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,13 +27,10 @@ from contract import TOLERANCE
 from contract.onnx_session import open_session, run_log_probs
 from contract.preprocessing import InputSpec, decode, preprocess, preprocess_framed
 from tests import hostile
-from tests.helpers import ROOT, encode_image, report, run_module
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, encode_image, report, run_module
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--headless"]
 # The docs' picture of the page is rewritten only when asked (`UPDATE_SCREENSHOT=1 make test`), so
 # that a test run leaves the checkout as it found it.
 README_SCREENSHOT = ROOT / "docs" / "web-page.png"

@@ -42,7 +42,7 @@ def static_web():
 
 @pytest.fixture(scope="module")
 def framing_page(static_web):
-    from tests.test_web import CHROMIUM, CHROMIUM_ARGS
+    from tests.helpers import CHROMIUM, CHROMIUM_ARGS
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} not found: run `make install` (it installs Debian's chromium)")
     from playwright.sync_api import sync_playwright

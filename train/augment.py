@@ -68,10 +68,10 @@ class EpochDraws:
     per_image: dict[str, torch.Tensor]
     noise_patterns: torch.Tensor
 
-    def to(self, device) -> "EpochDraws":
+    def to(self, device) -> EpochDraws:
         return EpochDraws({k: v.to(device) for k, v in self.per_image.items()}, self.noise_patterns.to(device))
 
-    def take(self, indices: torch.Tensor) -> "EpochDraws":
+    def take(self, indices: torch.Tensor) -> EpochDraws:
         return EpochDraws({k: v[indices] for k, v in self.per_image.items()}, self.noise_patterns)
 
 

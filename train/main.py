@@ -110,7 +110,7 @@ def validation_size(text: str) -> int | float:
     try:
         return parse_validation_size(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error).removeprefix(f"--validation-size ")) from None
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--validation-size ")) from None
 
 
 def select_device(choice: str, local_rank: int = 0) -> torch.device:

@@ -53,7 +53,7 @@ class TrainingSettings:
     summary: bool = False
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "settings") -> "TrainingSettings":
+    def from_dict(cls, data: dict, source: str = "settings") -> TrainingSettings:
         if not isinstance(data, dict):
             raise SettingsError(f"{source}: not a dict of settings")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
@@ -73,7 +73,7 @@ class TrainingSettings:
         return cls(**data)
 
     @classmethod
-    def from_args(cls, args) -> "TrainingSettings":
+    def from_args(cls, args) -> TrainingSettings:
         """train/main.py's parsed flags (paths as strings: a checkpoint holds no Path objects)."""
         return cls.from_dict({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                              "python -m train's flags")
