@@ -34,10 +34,12 @@ cp "$root"/serve/{__init__,__main__,main,client,probe,process,trust}.py "$ctx/ap
 # The verifier the entrypoint runs: export/verify.py and what it imports (not export/main.py: torch).
 cp "$root"/export/{__init__,release,signing,verify}.py "$ctx/app/export/"
 cp "$root"/contract/*.py "$ctx/app/contract/"
+# verify's self-test loads the model through the format registry, as the handler does.
+mkdir -p "$ctx/app/formats"
+cp "$root"/formats/*.py "$ctx/app/formats/"
 # The oip mode: its server and the archive verification it runs at every start.
-mkdir -p "$ctx/app/oip" "$ctx/app/export"
+mkdir -p "$ctx/app/oip"
 cp "$root"/oip/{__init__,__main__,main,model}.py "$ctx/app/oip/"
-cp "$root"/export/{__init__,verify,signing}.py "$ctx/app/export/"
 cp "$root/oip/requirements.txt" "$ctx/requirements-oip.txt"
 cp "$mar" "$ctx/app/model_store/mnist.mar"
 digest=$(sha256sum "$ctx/app/model_store/mnist.mar" | cut -d' ' -f1)
