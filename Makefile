@@ -86,7 +86,7 @@ $(PEERS_VENV)/.installed: bench/requirements-peers.txt
 	$(PEERS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements-peers.txt
 	touch $@
 
-bench: install peers-venv  ## side-by-side benchmarks, peers included -> bench/results/latest.{md,png} and a JSON
+bench: install peers-venv oip-venv  ## side-by-side benchmarks, peers included -> bench/results/latest.{md,png} and a JSON
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } || \
 		{ echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(PYTHON) -m bench

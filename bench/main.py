@@ -41,6 +41,7 @@ from bench.formats import bench_formats
 from bench.inference import bench_inference
 from bench.load import CORES
 from bench.report import load_results, plot, write_markdown
+from bench.protocols import bench_protocols
 from bench.serving import bench_serving
 from bench.step_breakdown import step_breakdown_on_one_thread
 from bench.training import bench_recipes, bench_training_loops, load_training_data
@@ -107,6 +108,8 @@ def main(argv=None) -> None:
         if not args.skip_serving and not args.formats_only:
             results["serving"] = bench_serving(build, work, args.seconds, args.concurrency, variants,
                                                args.frontend_threads, not args.skip_peers, args.peers_python)
+        if not args.skip_serving and not args.formats_only:
+            results["protocols"] = bench_protocols(build, work, args.concurrency[-1], args.seconds)
         if not args.skip_serving:
             results["formats"] = bench_formats(build, work, args.seconds)
     results["bench_seconds"] = time.perf_counter() - started

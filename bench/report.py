@@ -192,6 +192,9 @@ def write_markdown(r: dict, path: Path) -> None:
             lines += peers_table(sv)
     if "formats" in r:
         lines += formats_markdown(r["formats"])
+    if "protocols" in r:
+        from bench.protocols import markdown as protocols_markdown
+        lines += protocols_markdown(r["protocols"])
     if "framing" in r:
         from bench.realistic_inputs import markdown_table
         lines += ["", "## Real-world inputs: accuracy per form (bench/realistic_inputs.py)", "",

@@ -310,6 +310,7 @@ def test_a_private_key_others_can_read_signs_nothing(tiny, tmp_path, monkeypatch
     assert sorted(tmp_path.rglob("*.mar")) == before  # no archive written, signed or not
 
 
+@pytest.mark.slow  # starts `python -m train`/`export`: seconds of imports and work
 def test_make_keys_tightens_its_folder_or_refuses_one_it_cannot_trust(tmp_path):
     home = tmp_path / "home"
     folder = home / ".config" / "mnist-bundle"

@@ -99,6 +99,7 @@ def test_a_flip_of_digits_is_refused():
         settings_from_dataset(settings, DATASETS["mnist"])
 
 
+@pytest.mark.slow  # starts `python -m train`/`export`: seconds of imports and work
 def test_a_robust_run_resumes_bit_exactly_and_records_its_augmentation(tmp_path):
     common = ("train", "--dataset", "fashion-mnist", "--data-dir", str(DATA_DIR), "--train-limit", "1000",
               "--validation-size", "500", "--test-limit", "300", "--threads", "1", "--epochs", "2",

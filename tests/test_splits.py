@@ -69,6 +69,7 @@ def train_small(data_dir, checkpoint_dir, *extra, check=True):
                       check=check)
 
 
+@pytest.mark.slow  # starts `python -m train`/`export`: seconds of imports and work
 def test_a_small_data_set_keeps_eleven_twelfths_to_train_on_and_records_the_split(small_dataset, tmp_path):
     result = train_small(small_dataset, tmp_path)
     assert "1100 training / 100 validation" in result.stdout and "a fraction 0.08333" in result.stdout
@@ -77,12 +78,14 @@ def test_a_small_data_set_keeps_eleven_twelfths_to_train_on_and_records_the_spli
         {"train": 1100, "validation": 100, "test": 300, "validation_size": 1 / 12}
 
 
+@pytest.mark.slow  # starts `python -m train`/`export`: seconds of imports and work
 def test_a_fixed_size_meant_for_60000_is_refused_on_a_small_set(small_dataset, tmp_path):
     result = train_small(small_dataset, tmp_path, "--validation-size", "5000", check=False)
     assert result.returncode != 0 and not (tmp_path / "last.pt").exists()
     assert "--validation-size 5000" in result.stderr and "0.1 (120 images)" in result.stderr
 
 
+@pytest.mark.slow  # starts `python -m train`/`export`: seconds of imports and work
 def test_the_command_line_says_what_a_bad_size_is(tmp_path):
     result = run_module("train", "--validation-size", "1.5", "--checkpoint-dir", str(tmp_path), check=False)
     assert result.returncode == 2 and "fraction must lie between 0 and 1" in result.stderr
