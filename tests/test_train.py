@@ -12,7 +12,9 @@ from train.distributed import Group
 from train.loop import build_run, load_data
 from train.loop import train as train_loop
 
-SMALL = ("--train-limit", "2000", "--validation-size", "500", "--test-limit", "500", "--threads", "1")
+# the tutorial's recipe (a later --recipe wins): these tests are about the loop and its files
+SMALL = ("--recipe", "seed", "--train-limit", "2000", "--validation-size", "500", "--test-limit", "500",
+         "--threads", "1")
 
 
 def train(checkpoint_dir, *extra):
@@ -86,7 +88,7 @@ def test_best_pt_is_chosen_on_validation_not_on_test(tmp_path):
     from train.main import parse_args
     from train.settings import TrainingSettings
     # the seed recipe: lr 0.01, momentum 0.5, batch 64, no flips or shifts, seed 1
-    settings = TrainingSettings.from_args(parse_args(["--checkpoint-dir", str(tmp_path)])).to_dict()
+    settings = TrainingSettings.from_args(parse_args(["--recipe", "seed", "--checkpoint-dir", str(tmp_path)])).to_dict()
     run = build_run(settings, 4, tmp_path, torch.device("cpu"), Group(), data)
     train_loop(run, 4)
     history = run.history
