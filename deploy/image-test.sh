@@ -94,7 +94,10 @@ for _ in $(seq 180); do
 done
 [ "$health" = healthy ] || fail "not healthy after 180 s"
 echo "healthy $((SECONDS - run_started)) s after docker run"
-docker logs "$container" 2>&1 | grep -q 'serving the verified read-only copy' || fail "no verification at start in the logs"
+# The logs in a variable first: with pipefail, grep -q quitting at the first match would make
+# `docker logs` die of SIGPIPE and the pipeline fail.
+start_logs=$(docker logs "$container" 2>&1)
+grep -q 'serving the verified read-only copy' <<<"$start_logs" || fail "no verification at start in the logs"
 inference=$(docker port "$container" 8080 | head -1)
 metrics=$(docker port "$container" 8082 | head -1)
 
