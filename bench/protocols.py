@@ -1,5 +1,6 @@
 """The protocols side by side at one concurrency, same model and image: TorchServe REST (wrk),
-TorchServe gRPC (its own stubs, grpcio), and the Open Inference Protocol over REST and gRPC
+TorchServe gRPC (its own stubs, grpcio) through the gRPC API make serve runs (serve/grpc_server.py)
+and straight to TorchServe's own gRPC listener, and the Open Inference Protocol over REST and gRPC
 (KServe's ModelServer, bench/oip.py). Each server runs alone while it is measured.
 
     python -m bench.protocols --build build --seconds 10      (also part of `make bench`)
@@ -56,7 +57,10 @@ def grpc_load(client, body: bytes, concurrency: int, seconds: float) -> dict:
 
 
 def bench_torchserve_protocols(build: Path, work: Path, concurrency: int, seconds: int) -> dict:
-    """TorchServe as it ships, REST with wrk and gRPC with grpcio, one after the other."""
+    """TorchServe as it ships, REST with wrk and gRPC with grpcio (through the gRPC API, then
+    straight to TorchServe's own listener), one after the other."""
+    import dataclasses
+
     from serve.grpc_client import GrpcClient
     from serve.process import TorchServeProcess
 
@@ -65,19 +69,22 @@ def bench_torchserve_protocols(build: Path, work: Path, concurrency: int, second
     png = sorted((build / "samples").glob("*.png"))[0]
     body = work / "protocols-body.png"
     shutil.copy(png, body)
-    process = TorchServeProcess(store, work / "protocols-ts")
+    process = TorchServeProcess(store, work / "protocols-ts", grpc=True)
     server = process.start()
     try:
         url = f"{server.inference_url}/predictions/mnist"
         script = write_script(work / "protocols.lua", body, "image/png", server.key("inference"))
         wrk(url, script, 8, 2)  # warm-up
         rest = {**wrk(url, script, concurrency, seconds), "concurrency": concurrency, "client": "wrk"}
-        with GrpcClient(server) as client:
-            grpc_load(client, body.read_bytes(), 8, 2)  # warm-up
-            grpc = grpc_load(client, body.read_bytes(), concurrency, seconds)
+        own = dataclasses.replace(server, grpc_inference_target=f"127.0.0.1:{process.torchserve_grpc[0]}")
+        grpc = {}
+        for key, target in (("torchserve_grpc", server), ("torchserve_grpc_direct", own)):
+            with GrpcClient(target) as client:
+                grpc_load(client, body.read_bytes(), 8, 2)  # warm-up
+                grpc[key] = grpc_load(client, body.read_bytes(), concurrency, seconds)
     finally:
         process.stop()
-    return {"torchserve_rest": rest, "torchserve_grpc": grpc}
+    return {"torchserve_rest": rest, **grpc}
 
 
 def bench_protocols(build: Path, work: Path, concurrency: int = 32, seconds: int = 10) -> dict:
@@ -85,7 +92,8 @@ def bench_protocols(build: Path, work: Path, concurrency: int = 32, seconds: int
 
     results = bench_torchserve_protocols(build, work, concurrency, seconds)
     log(f"TorchServe REST {results['torchserve_rest']['requests_per_second']:,.0f} req/s, gRPC "
-        f"{results['torchserve_grpc']['requests_per_second']:,.0f} req/s at concurrency {concurrency}")
+        f"{results['torchserve_grpc']['requests_per_second']:,.0f} req/s (its own listener "
+        f"{results['torchserve_grpc_direct']['requests_per_second']:,.0f}) at concurrency {concurrency}")
     images = sorted((build / "samples").glob("*.png"))
     results["oip"] = bench_oip(work / "protocols-store", build, images, concurrency, seconds)
     results.update(concurrency=concurrency, duration_seconds=seconds)
@@ -93,12 +101,15 @@ def bench_protocols(build: Path, work: Path, concurrency: int = 32, seconds: int
 
 
 def rows(results: dict) -> list[tuple[str, str, str]]:
-    """(what, requests/s, how) for the report: TorchServe's two rows, then the OIP server's."""
+    """(what, requests/s, how) for the report: TorchServe's rows, then the OIP server's."""
     from bench.oip import rows as oip_rows
 
     out = []
     for key, name in (("torchserve_rest", "TorchServe REST (wrk)"),
-                      ("torchserve_grpc", "TorchServe gRPC (grpcio client, Predictions)")):
+                      ("torchserve_grpc", "TorchServe gRPC through serve/grpc_server.py (grpcio client, Predictions)"),
+                      ("torchserve_grpc_direct", "TorchServe's own gRPC listener (not served: statuses wrong under batching)")):
+        if key not in results:  # results files from before the gRPC API
+            continue
         r = results[key]
         failed = r.get("non_2xx", r.get("errors", 0))
         out.append((name, f"{r['requests_per_second']:,.0f}",

@@ -4,14 +4,18 @@
                                       (read-only), verify that copy (signature, contents, the
                                       pinned --expect-sha256, no rollback: serve/trust.py), then
                                       torchserve --start --ncs with config.properties serving the
-                                      copy; wait for a READY worker (--foreground: exec TorchServe)
+                                      copy; wait for a READY worker (--foreground: exec TorchServe);
+                                      then the gRPC API in front of it (serve/grpc_server.py) on
+                                      config.properties' grpc_* ports, TorchServe's own gRPC
+                                      listener moved to free loopback ports
     python -m serve predict IMAGE...  POST each image with the inference key; prints the answer
-    python -m serve predict --grpc IMAGE...  the same over TorchServe's gRPC API (port 7070)
+    python -m serve predict --grpc IMAGE...  the same over the gRPC API (port 7070)
     python -m serve grpc-stubs DIR    write Python stubs of TorchServe's own protos into DIR
     python -m serve token             print the inference key alone (for a client that should
                                       not see key_file.json's management and API keys)
     python -m serve status            the model's workers
-    python -m serve stop              torchserve --stop, then wait until the server has exited
+    python -m serve stop              stop the gRPC API, torchserve --stop, then wait until both
+                                      have exited
 
 TorchServe's pid file and worker sockets go to logs/private/ (mode 0700) instead of the shared
 /tmp; key_file.json and logs are created with umask 077 (readable by their owner only).
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from contract.paths import ROOT
 from serve.client import MODEL_NAME, Server, ServerError, content_type_of
-from serve.process import (anchored_allowed_urls, private_directory, private_environment,
+from serve.process import (anchored_allowed_urls, free_ports, private_directory, private_environment,
                            torchserve_command, write_config)
 
 STOP_PATIENCE_S = 60
@@ -73,8 +77,15 @@ def start(args, server: Server) -> None:
     # and allowed_urls anchored to it (a relative `model_store` and a `.*model_store.*` pattern
     # would follow the working directory and admit any path containing the word).
     config = private / "config.properties"
-    write_config(args.config, config, {"model_store": str(served_store),
-                                       "allowed_urls": anchored_allowed_urls(served_store)})
+    overrides = {"model_store": str(served_store), "allowed_urls": anchored_allowed_urls(served_store)}
+    if not args.foreground:
+        # config.properties' gRPC ports are the gRPC API's (started below); TorchServe's own
+        # listener, whose statuses are wrong under batching (serve/grpc_server.py), takes free
+        # loopback ports nobody is told about.
+        internal = free_ports(2)
+        overrides.update(grpc_inference_address="127.0.0.1", grpc_management_address="127.0.0.1",
+                         grpc_inference_port=str(internal[0]), grpc_management_port=str(internal[1]))
+    write_config(args.config, config, overrides)
     if args.foreground:
         start_in_foreground(args, config, private, release, digest)
     command = [torchserve_command(), "--start", "--ncs", "--ts-config", str(config)]
@@ -97,11 +108,52 @@ def start(args, server: Server) -> None:
     worker = next(w for w in description["workers"] if w["status"] == "READY")
     print(f"[serve] {MODEL_NAME} is READY (worker pid {worker['pid']}, gpu {worker['gpu']}, "
           f"batch size {description['batchSize']}, max delay {description['maxBatchDelay']} ms)")
+    start_grpc(args.workdir, config, server)
     print("[serve] call it with the inference key (key_file.json, readable by you only):\n"
           "  TOKEN=$(python -m serve token)\n"
           f"  curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/octet-stream' "
           f"--data-binary @image.png {server.inference_url}/predictions/{MODEL_NAME}\n"
           "  or: make predict IMG=image.png        stop it with: make stop")
+
+
+def grpc_pid_file(workdir: Path) -> Path:
+    return workdir / "logs" / "private" / "grpc-server.pid"
+
+
+def start_grpc(workdir: Path, config: Path, server: Server) -> None:
+    """The gRPC API in front of the TorchServe just started, on `server`'s gRPC addresses; it
+    exits by itself when TorchServe's frontend does."""
+    from serve import grpc_server
+    frontend = int((workdir / "logs" / "private" / "tmp" / ".model_server.pid").read_text().split()[0])
+    try:
+        process = grpc_server.start_process(config, server.grpc_inference_target, server.grpc_management_target,
+                                            workdir / "logs" / "grpc-server.log", exit_with_pid=frontend)
+    except RuntimeError as error:
+        stop(workdir)
+        raise SystemExit(f"[serve] {error}\n[serve] TorchServe was stopped again; free the port or set "
+                         "grpc_inference_port / grpc_management_port in config.properties") from None
+    grpc_pid_file(workdir).write_text(f"{process.pid}\n")
+    print(f"[serve] gRPC API (TorchServe's protos) on {server.grpc_inference_target} (inference) and "
+          f"{server.grpc_management_target} (management); docs/grpc.md")
+
+
+def stop_grpc(workdir: Path) -> None:
+    """End the gRPC API that `start` left running, and wait until it has exited."""
+    import psutil
+    pid_file = grpc_pid_file(workdir)
+    try:
+        process = psutil.Process(int(pid_file.read_text().split()[0]))
+        if "serve.grpc_server" not in " ".join(process.cmdline()):
+            raise psutil.NoSuchProcess(process.pid)  # the pid was reused by another program
+    except (OSError, ValueError, IndexError, psutil.Error):
+        pid_file.unlink(missing_ok=True)
+        return
+    process.terminate()
+    _, alive = psutil.wait_procs([process], timeout=15)
+    for straggler in alive:
+        straggler.kill()
+    pid_file.unlink(missing_ok=True)
+    print("[serve] the gRPC API has exited")
 
 
 def start_in_foreground(args, config: Path, private: Path, release: dict, digest: str) -> None:
@@ -118,7 +170,7 @@ def start_in_foreground(args, config: Path, private: Path, release: dict, digest
 
 
 def predict_grpc(args, server: Server) -> int:
-    """predict over TorchServe's gRPC API: the same bodies, answers and errors as REST."""
+    """predict over the gRPC API: the same bodies and answers as REST, its errors as gRPC statuses."""
     import grpc
 
     from serve.grpc_client import GrpcClient
@@ -129,13 +181,10 @@ def predict_grpc(args, server: Server) -> int:
             try:
                 body = json.loads(client.predict(Path(path).read_bytes()))
             except grpc.RpcError as error:
-                print(f"{path}: gRPC {error.code().name} {error.details().splitlines()[0]}")
+                print(f"{path}: gRPC {error.code().name} {error.details()}")
                 failures += 1
                 continue
-            if "error" in body:  # batched with other requests: the error rides in an OK reply
-                print(f"{path}: {json.dumps(body)}")
-                failures += 1
-            elif args.json:
+            if args.json:
                 print(json.dumps(body))
             else:
                 print(f"{path}: {body['class']} (label {body['label']}, p={body['probabilities'][body['label']]:.4f})")
@@ -163,6 +212,7 @@ def stop(workdir: Path) -> None:
     """torchserve --stop, then wait until the frontend and its workers have exited: the launcher
     returns as soon as it has sent the signal, seconds before the Java process is gone."""
     import psutil
+    stop_grpc(workdir)
     tmp = workdir / "logs" / "private" / "tmp"
     pid_file = tmp / ".model_server.pid"
     processes = []
@@ -191,7 +241,7 @@ def main(argv=None) -> None:
     p.add_argument("--config", type=Path, default=ROOT / "config.properties")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY")
     p.add_argument("--json", action="store_true", help="print the full JSON answers")
-    p.add_argument("--grpc", action="store_true", help="predict over TorchServe's gRPC API instead of REST")
+    p.add_argument("--grpc", action="store_true", help="predict over the gRPC API instead of REST")
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store",
                    help="start: the folder holding mnist.mar")
     p.add_argument("--workdir", type=Path, default=ROOT,

@@ -107,26 +107,35 @@ def stop_process_group(process: subprocess.Popen | None) -> None:
 
 
 class TorchServeProcess:
+    """TorchServe, and with `grpc` the gRPC API in front of it (serve/grpc_server.py) on
+    `server`'s gRPC targets; TorchServe's own gRPC listener is on the ports `torchserve_grpc`
+    names (the server's gRPC targets without `grpc`)."""
+
     def __init__(self, model_store: Path, workdir: Path, overrides: dict[str, str] | None = None,
-                 config: Path = ROOT / "config.properties", env: dict[str, str] | None = None):
+                 config: Path = ROOT / "config.properties", env: dict[str, str] | None = None,
+                 grpc: bool = False):
         self.model_store = Path(model_store).resolve()
         self.workdir = Path(workdir).resolve()
         self.overrides = overrides or {}
         self.config = config
         self.env = env or {}
+        self.grpc = grpc
         self.process: subprocess.Popen | None = None
+        self.grpc_process: subprocess.Popen | None = None
         self.server: Server | None = None
+        self.torchserve_grpc: tuple[int, int] | None = None  # (inference, management)
 
     def start(self, timeout: float = 180, wait: bool = True) -> Server:
         """Start TorchServe; unless `wait` is False, return once the model has a READY worker."""
         private_directory(self.workdir)
-        inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+        inference, management, metrics, grpc_inference, grpc_management, *internal = free_ports(7)
+        self.torchserve_grpc = (internal[0], internal[1])
         overrides = {
             "inference_address": f"http://127.0.0.1:{inference}",
             "management_address": f"http://127.0.0.1:{management}",
             "metrics_address": f"http://127.0.0.1:{metrics}",
-            "grpc_inference_port": str(grpc_inference),
-            "grpc_management_port": str(grpc_management),
+            "grpc_inference_port": str(internal[0]),
+            "grpc_management_port": str(internal[1]),
             "initial_worker_port": str(20000 + inference % 20000),
             "model_store": str(self.model_store),
             "allowed_urls": anchored_allowed_urls(self.model_store),
@@ -142,17 +151,26 @@ class TorchServeProcess:
             umask=0o077)
         log.close()
         self.server = Server.from_config(config, self.workdir)
-        if not wait:
-            return self.server
         try:
-            self.server.wait_until_ready(timeout=timeout, process=self.process, every_worker=True)
+            if self.grpc:
+                from serve import grpc_server
+                self.grpc_process = grpc_server.start_process(
+                    config, f"127.0.0.1:{grpc_inference}", f"127.0.0.1:{grpc_management}",
+                    self.workdir / "grpc-server.log", exit_with_pid=self.process.pid)
+                self.server.grpc_inference_target = f"127.0.0.1:{grpc_inference}"
+                self.server.grpc_management_target = f"127.0.0.1:{grpc_management}"
+            if wait:
+                self.server.wait_until_ready(timeout=timeout, process=self.process, every_worker=True)
         except BaseException:
             self.stop()
             raise
         return self.server
 
     def stop(self) -> None:
-        """End the whole process group (launcher, Java frontend, Python workers) and wait for it."""
+        """End the gRPC server, then TorchServe's whole process group (launcher, Java frontend,
+        Python workers), and wait for them."""
+        from serve import grpc_server
+        grpc_server.stop_process(self.grpc_process)
         stop_process_group(self.process)
 
     def __enter__(self) -> Server:

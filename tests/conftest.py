@@ -109,9 +109,10 @@ def artifacts(tmp_path_factory, fashion_test_set, signing_keys):
 
 @pytest.fixture(scope="session")
 def torchserve(artifacts, tmp_path_factory):
-    """TorchServe serving the archive with the shipped config.properties (other ports)."""
+    """TorchServe serving the archive with the shipped config.properties (other ports), the gRPC
+    API in front of it as `make serve` runs it."""
     from serve.process import TorchServeProcess
-    process = TorchServeProcess(artifacts.model_store, tmp_path_factory.mktemp("torchserve"))
+    process = TorchServeProcess(artifacts.model_store, tmp_path_factory.mktemp("torchserve"), grpc=True)
     process.start()
     yield process
     process.stop()

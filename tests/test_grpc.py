@@ -1,8 +1,11 @@
-"""TorchServe's gRPC API with real stubs (generated from the protos in TorchServe's jar): every body
-REST takes, the same answers, statuses instead of OK-wrapped errors, the token, and a
-StreamPredictions call that can no longer take a worker down, alone or under REST load."""
+"""The gRPC API (TorchServe's own protos, answered by serve/grpc_server.py in front of TorchServe's
+REST API) with real stubs generated from TorchServe's jar: every body REST takes, the same answers
+sequentially and concurrently, REST's statuses as gRPC statuses with REST's messages (batched with
+other requests too), the token, unknown models, both streaming calls, and TorchServe's own gRPC
+listener kept from taking a worker down."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -11,11 +14,13 @@ import grpc
 import numpy as np
 import pytest
 
-from serve.grpc_client import GrpcClient, write_stubs
-from tests.helpers import BackgroundClients, report
+from serve.grpc_client import GrpcClient
+from serve.grpc_protos import write_stubs
+from tests.helpers import BackgroundClients, report, worker_pids
 from tests.hostile import bad_cases, good_cases
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +29,23 @@ def client(server):
         yield grpc_client
 
 
-def worker_pids(server) -> list[int]:
-    return sorted(w["pid"] for w in server.describe()["workers"])
+@pytest.fixture(scope="module")
+def torchserves_own(torchserve):
+    """A client of TorchServe's own gRPC listener (the internal ports), for the handler's guard."""
+    inference, management = torchserve.torchserve_grpc
+    own = dataclasses.replace(torchserve.server, grpc_inference_target=f"127.0.0.1:{inference}",
+                              grpc_management_target=f"127.0.0.1:{management}")
+    with GrpcClient(own) as grpc_client:
+        yield grpc_client
 
 
 def rest_json(server, body: bytes) -> tuple[int, dict]:
     response = server.predict(body)
     return response.status_code, response.json()
+
+
+def batch_size(error_or_call) -> int:
+    return int(dict(error_or_call.trailing_metadata() or ()).get("x-batch-size", 0))
 
 
 def test_stubs_are_generated_from_torchserves_own_protos(tmp_path):
@@ -39,10 +54,22 @@ def test_stubs_are_generated_from_torchserves_own_protos(tmp_path):
     assert "StreamPredictions" in (tmp_path / "inference_pb2_grpc.py").read_text()
 
 
-def test_ping_and_list_models(client):
+def test_ping_and_management_calls(server, client):
     assert json.loads(client.ping())["status"] == "Healthy"
-    models = json.loads(client.list_models())["models"]
-    assert [m["modelName"] for m in models] == ["mnist"]
+    # No limit set: REST's default, not the empty list TorchServe's own listener gives.
+    assert [m["modelName"] for m in json.loads(client.list_models())["models"]] == ["mnist"]
+    assert [m["modelName"] for m in json.loads(client.list_models(limit=1))["models"]] == ["mnist"]
+    pb = client.pb.management_pb2
+    described = json.loads(client.management.DescribeModel(
+        pb.DescribeModelRequest(model_name="mnist"), metadata=client.metadata("management"), timeout=10).msg)
+    assert described[0]["modelName"] == "mnist" and described[0]["workers"]
+    with pytest.raises(grpc.RpcError) as raised:  # enable_model_api=false: REST's 405
+        client.management.RegisterModel(pb.RegisterModelRequest(url="https://example.com/x.mar"),
+                                        metadata=client.metadata("management"), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.RpcError) as raised:  # the inference key on the management API
+        client.management.ListModels(pb.ListModelsRequest(), metadata=client.metadata("inference"), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_every_rest_body_gets_the_same_answer_over_grpc(server, client, test_pngs):
@@ -59,24 +86,33 @@ def test_every_rest_body_gets_the_same_answer_over_grpc(server, client, test_png
     assert worst <= 1e-6
 
 
+def test_concurrent_grpc_answers_match_rest(server, client, test_pngs):
+    pngs, _ = test_pngs
+    with ThreadPoolExecutor(16) as pool:
+        rest = list(pool.map(lambda png: rest_json(server, png)[1], pngs))
+        answers = list(pool.map(lambda png: json.loads(client.predict(png)), pngs))
+    worst = max(float(np.abs(np.subtract(a["probabilities"], r["probabilities"])).max()) for a, r in zip(answers, rest))
+    report(f"gRPC vs REST, 16 concurrent clients on {len(pngs)} test images: max |dp| {worst:.1e}")
+    assert [a["label"] for a in answers] == [r["label"] for r in rest]
+    assert worst <= 1e-6
+
+
 @pytest.mark.parametrize("case", bad_cases(), ids=lambda c: c.name)
 def test_bad_bodies_get_the_grpc_status_and_the_rest_message(server, client, case):
     status, rest = rest_json(server, case.body)
     assert status == case.status
     with pytest.raises(grpc.RpcError) as raised:
         client.predict(case.body)
-    expected = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}[case.status]
-    assert raised.value.code() == expected, raised.value.details()
-    # TorchServe's frontend appends the name of its own exception class on a second line.
-    assert raised.value.details().splitlines()[0] == rest["error"]
+    assert raised.value.code() == CODES[case.status], raised.value.details()
+    assert raised.value.details() == rest["error"]
 
 
-def test_a_body_over_the_limit_is_refused_by_the_frontend(server, client, test_pngs):
+def test_a_message_over_the_limit_is_refused_before_torchserve(server, client, test_pngs):
     pids = worker_pids(server)
     with pytest.raises(grpc.RpcError) as raised:
         client.predict(b"\x89PNG" + bytes(2 * 1024 * 1024))
-    # grpc-java refuses a message over max_request_size by resetting the stream (RST_STREAM CANCEL).
-    assert raised.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in raised.value.details()
     assert "label" in json.loads(client.predict(test_pngs[0][0]))
     assert worker_pids(server) == pids
 
@@ -86,17 +122,31 @@ def test_calls_without_the_right_token_are_refused(server, client, test_pngs):
     for metadata in ([], [("authorization", "Bearer not-the-key")], [("authorization", server.key("management"))]):
         with pytest.raises(grpc.RpcError) as raised:
             client.inference.Predictions(client.request(png), metadata=metadata, timeout=10)
-        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "Token Authorization failed" in raised.value.details()
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert raised.value.details().startswith("Token Authorization failed")
 
 
-def test_an_unknown_model_is_refused_without_touching_a_worker(server, client, test_pngs):
+def test_unknown_models_and_versions_are_not_found(server, client, test_pngs):
     pids = worker_pids(server)
-    with pytest.raises(grpc.RpcError) as raised:
-        client.predict(test_pngs[0][0], model="no-such-model")
-    # TorchServe's frontend answers INTERNAL here, before any handler runs (docs/grpc.md).
-    assert raised.value.code() == grpc.StatusCode.INTERNAL
-    assert "Model not found: no-such-model" in raised.value.details()
+    png = test_pngs[0][0]
+    for name, version, words in (("no-such-model", "", "Model not found: no-such-model"),
+                                 ("mnist", "0.0.1", "does not exist for model: mnist")):
+        request = client.pb.inference_pb2.PredictionsRequest(model_name=name, model_version=version,
+                                                             input={"data": png})
+        with pytest.raises(grpc.RpcError) as raised:
+            client.inference.Predictions(request, metadata=client.metadata(), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND, (name, raised.value.details())
+        assert words in raised.value.details()
+    R = client.pb.inference_pb2.PredictionsRequest
+    for request, words in ((R(model_name="mnist"), "put the image bytes"),
+                           (R(model_name="mnist", input={"a": png, "b": png}), "put the image bytes"),
+                           (R(model_name="mnist/../../models", input={"data": png}), "is not one"),
+                           (R(model_name="mnist", model_version="../1", input={"data": png}), "is not one"),
+                           (R(model_name="..", input={"data": png}), "is not one")):
+        with pytest.raises(grpc.RpcError) as raised:
+            client.inference.Predictions(request, metadata=client.metadata(), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in raised.value.details()
     assert worker_pids(server) == pids
 
 
@@ -110,6 +160,23 @@ def test_stream_predictions_answers_one_message_like_predictions(server, client,
         client.stream_predict(b"not an image")
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert worker_pids(server) == pids
+
+
+def test_stream_predictions2_answers_each_message_with_its_own_status(server, client, test_pngs):
+    pngs, _ = test_pngs
+    R = client.pb.inference_pb2.PredictionsRequest
+    requests = [R(model_name="mnist", input={"data": pngs[0]}, sequence_id="a"),
+                R(model_name="mnist", input={"data": b"not an image"}, sequence_id="b"),
+                R(model_name="no-such-model", input={"data": pngs[1]}),
+                R(model_name="mnist", input={"data": pngs[2]}, sequence_id="d")]
+    replies = list(client.inference.StreamPredictions2(iter(requests), metadata=client.metadata(), timeout=30))
+    assert [r.sequence_id for r in replies] == ["a", "b", "", "d"]
+    assert json.loads(replies[0].prediction) == json.loads(client.predict(pngs[0]))
+    assert json.loads(replies[3].prediction) == json.loads(client.predict(pngs[2]))
+    assert not replies[0].HasField("status") and not replies[3].HasField("status")
+    assert replies[1].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert replies[1].status.message == rest_json(server, b"not an image")[1]["error"]
+    assert replies[2].status.code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 class RestLoad(BackgroundClients):
@@ -131,34 +198,59 @@ class RestLoad(BackgroundClients):
                 i += 1
 
 
-def test_streams_and_grpc_errors_under_rest_load_hurt_no_one(server, client, test_pngs):
+def test_bad_grpc_calls_batched_with_others_keep_their_status(server, client, test_pngs):
+    """Under REST load a bad gRPC call shares a batch with good requests; it still gets its own
+    status and REST's message, and every REST client and good gRPC call gets its answer."""
     pngs, _ = test_pngs
     pids = worker_pids(server)
-    streamed, refused, wrapped = 0, 0, 0
+    message = rest_json(server, b"not an image")[1]["error"]
+
+    def good(i):
+        call = client.inference.Predictions.with_call(client.request(pngs[i % len(pngs)]),
+                                                      metadata=client.metadata(), timeout=30)
+        return json.loads(call[0].prediction)
+
+    def bad(_):
+        with pytest.raises(grpc.RpcError) as raised:
+            client.predict(b"not an image")
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == message
+        return batch_size(raised.value)
+
+    with RestLoad(server, pngs[:64], clients=8) as load, ThreadPoolExecutor(16) as pool:
+        goods = pool.map(good, range(64))
+        batched = list(pool.map(bad, range(64)))
+        answers = list(goods)
+    shared = sum(size > 1 for size in batched)
+    report(f"under REST load (8 clients, {len(load.statuses)} requests): 64 bad gRPC calls all "
+           f"INVALID_ARGUMENT, {shared} of them in a batch shared with other requests (largest "
+           f"{max(batched)}); 64 good gRPC calls answered")
+    assert all("label" in a for a in answers)
+    assert load.statuses and set(load.statuses) == {200}
+    assert shared > 0, "no bad call was batched with another request: the test proved nothing"
+    assert worker_pids(server) == pids
+
+
+def test_torchserves_own_stream_predictions_cannot_take_a_worker_down(server, torchserves_own, test_pngs):
+    """TorchServe's own listener still runs on internal ports: the handler's ts_stream_next header
+    keeps a StreamPredictions there from killing the worker, under REST load."""
+    pngs, _ = test_pngs
+    pids = worker_pids(server)
 
     def stream_good(i):
-        return json.loads(client.stream_predict(pngs[i % len(pngs)])[0])
+        return json.loads(torchserves_own.stream_predict(pngs[i % len(pngs)])[0])
 
     def send_bad(_):
-        # Batched with REST requests, a bad gRPC body keeps its error JSON inside an OK reply:
-        # TorchServe's frontend ignores per-request statuses on gRPC (docs/grpc.md).
         try:
-            answer = json.loads(client.stream_predict(b"not an image")[0])
-            assert answer["status"] == 400 and "not an image" in answer["error"]
-            return "wrapped"
+            answer = json.loads(torchserves_own.stream_predict(b"not an image")[0])
+            assert answer["status"] == 400  # batched with REST: the error JSON inside an OK
         except grpc.RpcError as error:
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
-            return "refused"
 
     with RestLoad(server, pngs[:64], clients=8) as load, ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(stream_good, range(64)))
-        outcomes = list(pool.map(send_bad, range(32)))
-    streamed = sum("label" in a for a in answers)
-    refused, wrapped = outcomes.count("refused"), outcomes.count("wrapped")
-    report(f"under REST load (8 clients, {len(load.statuses)} requests): {streamed} streams answered, "
-           f"bad gRPC bodies {refused} refused with INVALID_ARGUMENT and {wrapped} answered OK with the "
-           f"error JSON (batched with REST)")
-    assert streamed == 64
+        answers = list(pool.map(stream_good, range(32)))
+        list(pool.map(send_bad, range(16)))
+    assert all("label" in a for a in answers)
     assert load.statuses and set(load.statuses) == {200}
     assert worker_pids(server) == pids
 
@@ -168,10 +260,16 @@ def test_the_command_line_predicts_over_grpc(torchserve, tmp_path, test_pngs):
 
     (tmp_path / "digit.png").write_bytes(test_pngs[0][0])
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
-    config = torchserve.workdir / "config.properties"
+    from serve.process import write_config
+
+    # TorchServe's config names its own listener's ports; a client's names the gRPC API's, as
+    # config.properties does for `make serve`.
+    config = tmp_path / "client.properties"
+    write_config(torchserve.workdir / "config.properties", config,
+                 {"grpc_inference_port": torchserve.server.grpc_inference_target.rsplit(":", 1)[1]})
     result = run_module("serve", "predict", "--grpc", "--config", str(config), "--workdir", str(torchserve.workdir),
                         str(tmp_path / "digit.png"), str(tmp_path / "broken.png"), check=False)
     assert result.returncode == 1, result.stderr
     good, bad = result.stdout.splitlines()
     assert "digit.png: " in good and "(label " in good
-    assert "broken.png: gRPC INVALID_ARGUMENT" in bad
+    assert "broken.png: gRPC INVALID_ARGUMENT " in bad and "send image bytes" in bad

@@ -233,8 +233,13 @@ def test_serve_keeps_its_files_private_and_stop_waits_for_the_exit(tiny, tmp_pat
         assert sockets and (private / "tmp" / ".model_server.pid").exists()
         pid = int((private / "tmp" / ".model_server.pid").read_text())
         frontend = psutil.Process(pid)
-        family = [frontend, *frontend.children(recursive=True)]
+        grpc_api = psutil.Process(int((private / "grpc-server.pid").read_text()))
+        family = [frontend, *frontend.children(recursive=True), grpc_api]
         effective = read_properties(private / "config.properties")
+        # config.properties' gRPC ports are the gRPC API's; TorchServe's own listener is elsewhere.
+        asked = read_properties(config)
+        assert effective["grpc_inference_port"] != asked["grpc_inference_port"]
+        assert effective["grpc_management_port"] != asked["grpc_management_port"]
         store = str(private / "model_store")  # the verified read-only copy (serve/trust.py)
         assert effective["model_store"] == store
         allowed = re.compile(effective["allowed_urls"].replace("\\\\", "\\"))  # as Java reads it
@@ -251,6 +256,9 @@ def test_serve_keeps_its_files_private_and_stop_waits_for_the_exit(tiny, tmp_pat
         predicted = serve("predict", str(tiny.build_dir / "samples" / "test0000-ankle-boot.png"),
                           "--inference-key-file", str(tmp_path / "inference.key"), workdir=workdir, config=config)
         assert "label" in predicted.stdout
+        over_grpc = serve("predict", "--grpc", str(tiny.build_dir / "samples" / "test0000-ankle-boot.png"),
+                          workdir=workdir, config=config)
+        assert over_grpc.stdout.split(": ", 1)[1] == predicted.stdout.split(": ", 1)[1]
         assert_concurrent_renewals_rotate_once(Server.from_config(config, workdir))
     finally:
         started = time.monotonic()
