@@ -34,18 +34,20 @@ DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT = 8085, 8086
 STOP_PATIENCE_S = 45  # KServe's grace period for requests in flight is 30 s
 
 
-def verified_copy(mar: Path, allow_unsigned: bool) -> Path:
-    """Verify `mar` into a new private folder and make the files read-only; returns the folder.
+def verified_copy(mar: Path, allow_unsigned: bool) -> tuple[Path, dict]:
+    """Verify `mar` into a new private folder and make the files read-only; returns the folder
+    and the archive's release (release.json: its model_version).
 
     What is served is this copy, checked once: never the archive, which could change after the
     check. The model is ONNX, so the check needs no torch (TorchServe's path self-tests its own
     format in the worker; here MnistOnnxModel.load self-tests model.onnx)."""
     from contract.bundle import BundleError
-    from export.verify import verify_archive
+    from export.verify import verify_archive_release
 
     tree = Path(tempfile.mkdtemp(prefix="oip-model-")) / "archive"  # mkdtemp: mode 0700
     try:
-        verify_archive(mar, allow_unsigned=allow_unsigned, run_self_test=False, unpack_into=tree)
+        verified = verify_archive_release(mar, allow_unsigned=allow_unsigned, run_self_test=False,
+                                          unpack_into=tree)
     except BundleError as error:
         remove_copy(tree)
         raise SystemExit(f"[oip] refusing to serve: {error}\n[oip] Rebuild and sign the archive with "
@@ -54,7 +56,7 @@ def verified_copy(mar: Path, allow_unsigned: bool) -> Path:
     for path in sorted(tree.rglob("*"), reverse=True):
         path.chmod(0o500 if path.is_dir() else 0o400)
     tree.chmod(0o500)
-    return tree
+    return tree, verified.release
 
 
 def remove_copy(tree: Path) -> None:
@@ -120,22 +122,25 @@ def serve(args) -> None:
     mar = args.model_store.resolve() / f"{MODEL_NAME}.mar"
     if not mar.exists():
         raise SystemExit(f"[oip] {mar} is missing: run `make archive` first")
-    tree = verified_copy(mar, args.allow_unsigned or os.environ.get("ALLOW_UNSIGNED") == "1")
+    tree, release = verified_copy(mar, args.allow_unsigned or os.environ.get("ALLOW_UNSIGNED") == "1")
     try:
         # kserve parses sys.argv when it is imported: it must see none of ours.
         sys.argv = sys.argv[:1]
         import kserve.model_server
         from kserve import ModelServer
 
+        from oip import versions
         from oip.model import MnistOnnxModel, TooLarge, too_large_handler
 
-        model = MnistOnnxModel(MODEL_NAME, tree, threads=args.threads)
+        version = str(release["model_version"])
+        model = MnistOnnxModel(MODEL_NAME, tree, threads=args.threads, version=version)
         model.load()
-        print(f"[oip] {MODEL_NAME}: model.onnx verified and self-tested; REST http://{args.host}:"
+        print(f"[oip] {MODEL_NAME} version {version}: model.onnx verified and self-tested; REST http://{args.host}:"
               f"{args.http_port}/v2, gRPC {args.host}:{args.grpc_port}", flush=True)
         bind_to(args.host)
         kserve.model_server.app.add_exception_handler(TooLarge, too_large_handler)
         kserve.model_server.app.add_middleware(JsonWhenUndeclared)
+        versions.install({MODEL_NAME: version})
         ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
                     enable_docs_url=False, enable_latency_logging=False).start([model])
     finally:

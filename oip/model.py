@@ -53,8 +53,9 @@ class ModelSelfTestFailed(RuntimeError):
 
 
 class MnistOnnxModel(Model):
-    def __init__(self, name: str, model_dir: Path, threads: int = 1):
+    def __init__(self, name: str, model_dir: Path, threads: int = 1, version: str | None = None):
         super().__init__(name)
+        self.version = version  # release.json's model_version: what infer answers carry
         self.model_dir = Path(model_dir)
         self.threads = threads
         self.session = None
@@ -109,7 +110,8 @@ class MnistOnnxModel(Model):
                                  datatype="FP32" if name == "probabilities" else "INT64")
             output.set_data_from_numpy(data, binary_data=payload.use_binary_outputs)
             outputs.append(output)
-        return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=outputs,
+        return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
+                             model_version=self.version, infer_outputs=outputs,
                              use_binary_outputs=payload.use_binary_outputs,
                              requested_outputs=payload.request_outputs)
 

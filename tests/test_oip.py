@@ -231,6 +231,56 @@ def test_bad_grpc_requests_get_the_matching_status_and_the_server_lives_on(oip_s
     assert np.abs(np.asarray(answers["after"][0]) - eager_reference[0]).max() <= TOLERANCE
 
 
+VERSION_CASES = r"""
+import json, sys
+import numpy as np
+import tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+url, version = sys.argv[1], sys.argv[2]
+client = g.InferenceServerClient(url=url)
+pixels = g.InferInput("pixels", [1, 28, 28], "UINT8")
+pixels.set_data_from_numpy(np.zeros((1, 28, 28), np.uint8))
+answers = {"versions": list(client.get_model_metadata("mnist").versions),
+           "ready": client.is_model_ready("mnist", version),
+           "infer": client.infer("mnist", [pixels], model_version=version).get_response().model_version}
+for name, call in (("metadata", lambda: client.get_model_metadata("mnist", "1")),
+                   ("ready other", lambda: client.is_model_ready("mnist", "1")),
+                   ("infer other", lambda: client.infer("mnist", [pixels], model_version="1"))):
+    try:
+        call()
+        answers[name] = ["OK", ""]
+    except InferenceServerException as error:
+        answers[name] = [error.status(), error.message()]
+print(json.dumps(answers))
+"""
+
+
+def test_the_model_has_the_archives_version_on_both_protocols(oip_server, artifacts, test_pngs):
+    from export.release import version_in_store
+
+    version = str(version_in_store(artifacts.mar))  # release.json's, as TorchServe reports it
+    base = f"http://{oip_server.http}/v2/models/mnist"
+    metadata = requests.get(base, timeout=10).json()
+    assert metadata["versions"] == [version]
+    assert requests.get(f"{base}/versions/{version}", timeout=10).json() == metadata
+    assert requests.get(f"{base}/versions/{version}/ready", timeout=10).status_code == 200
+    answered = infer_json(oip_server, good_request(test_pngs[0][0]), model=f"mnist/versions/{version}")
+    assert answered.status_code == 200 and answered.json()["model_version"] == version
+    for route in (f"{base}/versions/1", f"{base}/versions/1/ready"):
+        response = requests.get(route, timeout=10)
+        assert response.status_code == 404 and f"serves version {version}" in response.json()["error"]
+    response = infer_json(oip_server, good_request(test_pngs[0][0]), model="mnist/versions/1")
+    assert response.status_code == 404 and "has no version 1" in response.json()["error"]
+    result = subprocess.run([str(OIP_PYTHON), "-c", VERSION_CASES, oip_server.grpc, version], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout)
+    assert answers["versions"] == [version] and answers["ready"] is True and answers["infer"] == version
+    for name in ("metadata", "ready other", "infer other"):
+        assert answers[name][0] == "StatusCode.NOT_FOUND", (name, answers[name])
+        assert f"serves version {version}" in answers[name][1]
+
+
 def rewritten(mar: Path, target: Path, replace: dict[str, bytes]) -> Path:
     with zipfile.ZipFile(mar) as source, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
         for info in source.infolist():
