@@ -68,8 +68,9 @@ key_mount=(-v "$keys/signing-key.pub:/etc/mnist-bundle/signing-key.pub:ro")
 # Each refused start: exit status not 0, the reason in its output, and TorchServe never exec'd.
 refused_start() {
     local name=$1 reason=$2; shift 2
-    local out status
-    out=$(timeout 120 docker run --rm "${run_flags[@]}" "$@" "$tag" 2>&1) && status=0 || status=$?
+    local out status mode=
+    [ "${1:-}" != --oip ] || { mode=oip; shift; }
+    out=$(timeout 120 docker run --rm "${run_flags[@]}" "$@" "$tag" $mode 2>&1) && status=0 || status=$?
     [ "$status" != 0 ] || fail "$name: the container started ($out)"
     [[ $out == *"$reason"* ]] || fail "$name: exit $status without the reason '$reason': $out"
     [[ $out != *"[serve] exec"* && $out != *"Torchserve version"* ]] || fail "$name: TorchServe ran: $out"
@@ -83,6 +84,10 @@ refused_start "no public key mounted" "which does not exist"
 refused_start "another signer's key" "not signed by the configured public key" \
     -v "$keys/stranger/signing-key.pub:/etc/mnist-bundle/signing-key.pub:ro"
 refused_start "no pinned digest" "EXPECTED_SHA256 is empty" "${key_mount[@]}" -e EXPECTED_SHA256=
+refused_start "oip mode, tampered archive mounted" "not the pinned" --oip "${key_mount[@]}" \
+    -v "$keys/tampered.mar:/app/model_store/mnist.mar:ro"
+refused_start "oip mode, another signer's key" "not signed by the configured public key" --oip \
+    -v "$keys/stranger/signing-key.pub:/etc/mnist-bundle/signing-key.pub:ro"
 
 container=$(docker run -d "${run_flags[@]}" "${key_mount[@]}" -p 127.0.0.1::8080 -p 127.0.0.1::8082 "$tag")
 run_started=$SECONDS
@@ -116,4 +121,29 @@ echo "memory in use after these requests: $(docker stats --no-stream --format '{
 stop_started=$SECONDS
 docker stop -t 30 "$container" >/dev/null
 echo "stopped in $((SECONDS - stop_started)) s; image $(docker image inspect -f '{{.Size}}' "$tag") bytes"
+
+# The Open Inference Protocol mode (what deploy/kserve/ runs), the same flags and key.
+container=$(docker run -d "${run_flags[@]}" "${key_mount[@]}" -p 127.0.0.1::8080 "$tag" oip)
+run_started=$SECONDS
+oip=$(docker port "$container" 8080 | head -1)
+for _ in $(seq 120); do
+    curl -sf "http://$oip/v2/models/mnist/ready" >/dev/null 2>&1 && break
+    [ "$(docker inspect -f '{{.State.Running}}' "$container")" = true ] || fail "the oip container exited"
+    sleep 1
+done
+curl -sf "http://$oip/v2/models/mnist/ready" >/dev/null || fail "oip mode: not ready after 120 s"
+oip_logs=$(docker logs "$container" 2>&1)
+grep -q 'as pinned' <<<"$oip_logs" || fail "oip mode: no pinned verification at start in the logs"
+echo "oip mode ready $((SECONDS - run_started)) s after docker run: $(curl -sS "http://$oip/v2/models/mnist" | head -c 60)..."
+body=$(mktemp /var/tmp/mnist-oip-body.XXXXXX)
+"$python" -c 'import base64, json, sys
+print(json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                              "data": [base64.b64encode(open(sys.argv[1], "rb").read()).decode()]}]}))' "$sample" >"$body"
+answer=$(curl -sS -w ' HTTP %{http_code}' -H 'Content-Type: application/json' -d @"$body" "http://$oip/v2/models/mnist/infer")
+rm -f "$body"
+[[ $answer == *'"label"'*' HTTP 200' ]] || fail "oip infer: $answer"
+bad=$(curl -sS -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' -d '{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["bm90IGFuIGltYWdl"]}]}' "http://$oip/v2/models/mnist/infer")
+[ "$bad" = 400 ] || fail "oip mode: a bad request got HTTP $bad, not 400"
+docker stop -t 30 "$container" >/dev/null
+echo "oip mode: answered, refused a bad body with 400, stopped"
 echo "image-test passed in $((SECONDS - started)) s"

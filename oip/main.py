@@ -1,8 +1,9 @@
 """Serve the archive over the Open Inference Protocol (KServe v2), REST and gRPC.
 
-    python -m oip serve   verify model_store/mnist.mar (export/verify.py: structure, signature,
-                          bundle.json's SHA-256 sums) into a private read-only folder, self-test its
-                          model.onnx, then run KServe's ModelServer on it in the foreground
+    python -m oip serve   verify model_store/mnist.mar as `make serve` does (serve/trust.py: a private
+                          copy, the pinned --expect-sha256, the signature and SHA-256 sums, no
+                          rollback) into a private read-only folder, self-test its model.onnx,
+                          then run KServe's ModelServer on it in the foreground
     python -m oip start   `serve` in the background (logs/oip/); returns once the model is ready
                           and prints the REST and gRPC addresses
     python -m oip stop    stop what `start` started; returns once it has exited
@@ -34,29 +35,44 @@ DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT = 8085, 8086
 STOP_PATIENCE_S = 45  # KServe's grace period for requests in flight is 30 s
 
 
-def verified_copy(mar: Path, allow_unsigned: bool) -> tuple[Path, dict]:
-    """Verify `mar` into a new private folder and make the files read-only; returns the folder
-    and the archive's release (release.json: its model_version).
+def verified_copy(mar: Path, allow_unsigned: bool, expect_sha256: str | None = None,
+                  allow_rollback: bool = False) -> tuple[Path, dict, str]:
+    """Check `mar` as `make serve` does (serve/trust.py) and unpack it into a new private
+    read-only folder; returns the folder, the archive's release (release.json) and its SHA-256.
 
-    What is served is this copy, checked once: never the archive, which could change after the
-    check. The model is ONNX, so the check needs no torch (TorchServe's path self-tests its own
-    format in the worker; here MnistOnnxModel.load self-tests model.onnx)."""
+    The archive is copied first and only the copy is hashed, checked against the pinned digest
+    (--expect-sha256), verified (structure, signature, hashes) and unpacked: never the archive,
+    which could change after the check. Its release must not be older than the newest this host
+    has served (--allow-rollback to mean it). The model is ONNX, so the check needs no torch
+    (TorchServe's path self-tests its own format in the worker; here MnistOnnxModel.load
+    self-tests model.onnx)."""
     from contract.bundle import BundleError
     from export.verify import verify_archive_release
+    from serve import trust
 
-    tree = Path(tempfile.mkdtemp(prefix="oip-model-")) / "archive"  # mkdtemp: mode 0700
+    private = Path(tempfile.mkdtemp(prefix="oip-model-"))  # mkdtemp: mode 0700
+    tree = private / "archive"
     try:
-        verified = verify_archive_release(mar, allow_unsigned=allow_unsigned, run_self_test=False,
+        expected = trust.check_digest(expect_sha256) if expect_sha256 else None
+        copy, digest = trust.private_copy(mar, private, mar.name)
+        if expected is not None and digest != expected:
+            raise trust.TrustError(f"{mar} has SHA-256 {digest}, not the pinned {expected} "
+                                   "(--expect-sha256): refusing any other archive")
+        verified = verify_archive_release(copy, allow_unsigned=allow_unsigned, run_self_test=False,
                                           unpack_into=tree)
+        freshness = trust.ServedState().check(MODEL_NAME, verified.release, digest, allow_rollback)
     except BundleError as error:
         remove_copy(tree)
         raise SystemExit(f"[oip] refusing to serve: {error}\n[oip] Rebuild and sign the archive with "
                          "`make archive` (where the private key is), or pin the right public key "
-                         "($MNIST_SIGNING_PUBLIC_KEY)") from None
+                         "($MNIST_SIGNING_PUBLIC_KEY) and digest (--expect-sha256)") from None
+    copy.unlink()
     for path in sorted(tree.rglob("*"), reverse=True):
         path.chmod(0o500 if path.is_dir() else 0o400)
     tree.chmod(0o500)
-    return tree, verified.release
+    print(f"[oip] verified {mar} (SHA-256 {digest}{', as pinned' if expected else ''}); model version "
+          f"{verified.release['model_version']}: {freshness}", flush=True)
+    return tree, verified.release, digest
 
 
 def remove_copy(tree: Path) -> None:
@@ -122,7 +138,8 @@ def serve(args) -> None:
     mar = args.model_store.resolve() / f"{MODEL_NAME}.mar"
     if not mar.exists():
         raise SystemExit(f"[oip] {mar} is missing: run `make archive` first")
-    tree, release = verified_copy(mar, args.allow_unsigned or os.environ.get("ALLOW_UNSIGNED") == "1")
+    tree, release, digest = verified_copy(mar, args.allow_unsigned or os.environ.get("ALLOW_UNSIGNED") == "1",
+                                          args.expect_sha256, args.allow_rollback)
     try:
         # kserve parses sys.argv when it is imported: it must see none of ours.
         sys.argv = sys.argv[:1]
@@ -135,6 +152,8 @@ def serve(args) -> None:
         version = str(release["model_version"])
         model = MnistOnnxModel(MODEL_NAME, tree, threads=args.threads, version=version)
         model.load()
+        from serve.trust import ServedState
+        ServedState().record(MODEL_NAME, release, digest)
         print(f"[oip] {MODEL_NAME} version {version}: model.onnx verified and self-tested; REST http://{args.host}:"
               f"{args.http_port}/v2, gRPC {args.host}:{args.grpc_port}", flush=True)
         bind_to(args.host)
@@ -174,6 +193,10 @@ def start(args) -> None:
                "--grpc-port", str(args.grpc_port), "--threads", str(args.threads)]
     if args.allow_unsigned:
         command.append("--allow-unsigned")
+    if args.expect_sha256:
+        command += ["--expect-sha256", args.expect_sha256]
+    if args.allow_rollback:
+        command.append("--allow-rollback")
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
@@ -187,6 +210,9 @@ def start(args) -> None:
             raise SystemExit(f"[oip] the server did not become ready (exit code {process.poll()}); "
                              f"its log, {log}:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
+    verified = next((line for line in log.read_text().splitlines() if line.startswith("[oip] verified")), "")
+    if verified:
+        print(verified)
     print(f"[oip] {MODEL_NAME} is ready (pid {process.pid}, log {log.relative_to(args.workdir)})\n"
           f"[oip]   REST  {base}/v2/models/{MODEL_NAME}/infer\n"
           f"[oip]   gRPC  {args.host}:{args.grpc_port} (inference.GRPCInferenceService)\n"
@@ -253,6 +279,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=120, help="start: seconds to wait for ready")
     p.add_argument("--allow-unsigned", action="store_true",
                    help="serve although no public key is configured (or ALLOW_UNSIGNED=1); says so loudly")
+    p.add_argument("--expect-sha256", default=None, metavar="DIGEST",
+                   help="serve only the archive with this SHA-256 (sha256sum model_store/mnist.mar)")
+    p.add_argument("--allow-rollback", action="store_true",
+                   help="serve an archive older than the newest this host has served")
     args = p.parse_args(argv)
     args.workdir = args.workdir.resolve()
     return args

@@ -111,6 +111,12 @@ def test_the_inference_service_holds_the_deployment_decisions():
     env = {e["name"]: e.get("value") for e in container["env"]}
     key_dir = env["MNIST_SIGNING_PUBLIC_KEY"].rsplit("/", 1)[0]
     assert any(m["mountPath"] == key_dir and m["readOnly"] for m in container["volumeMounts"])
+    # ... the archive's digest pinned, as in deploy/k8s/, and the served-release record writable
+    # on a read-only root (the image's MNIST_BUNDLE_STATE_DIR is under /app/run).
+    assert re.fullmatch(r"[0-9a-f]{64}", env["EXPECTED_SHA256"])
+    assert re.search(r'oip serve (?:[^\n]|\\\n)*--expect-sha256 "\$EXPECTED_SHA256"', entrypoint)  # one command
+    assert any(m["mountPath"] == "/app/run" for m in container["volumeMounts"])
+    assert "MNIST_BUNDLE_STATE_DIR=/app/run/state" in (ROOT / "deploy" / "Dockerfile").read_text()
     # Resources, autoscaling on a request metric, a canary split.
     assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and "memory" in container["resources"]["limits"]
     assert predictor["scaleMetric"] in ("rps", "concurrency") and predictor["scaleTarget"] > 0

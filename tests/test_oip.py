@@ -36,11 +36,12 @@ def oip(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def start_server(model_store: Path, work: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, int, int]:
+def start_server(model_store: Path, work: Path, env: dict | None = None,
+                 *extra: str) -> tuple[subprocess.CompletedProcess, int, int]:
     http, grpc = free_ports(2)
     (work / "tmp").mkdir(parents=True, exist_ok=True)
     result = oip("oip", "start", "--model-store", str(model_store), "--workdir", str(work),
-                 "--http-port", str(http), "--grpc-port", str(grpc),
+                 "--http-port", str(http), "--grpc-port", str(grpc), *extra,
                  env={"TMPDIR": str(work / "tmp"), **(env or {})})
     return result, http, grpc
 
@@ -303,6 +304,32 @@ def test_a_tampered_or_unsigned_archive_is_not_served(artifacts, tmp_path):
     unsigned, _, _ = start_server(artifacts.model_store, tmp_path / "work2",
                                   env={"MNIST_SIGNING_PUBLIC_KEY": str(tmp_path / "no-such-key.pub")})
     assert unsigned.returncode != 0 and "refusing to serve" in unsigned.stderr, unsigned.stderr
+
+
+def test_start_checks_the_pinned_digest_and_refuses_a_rollback(artifacts, tmp_path):
+    """As `make serve` does (serve/trust.py): another archive than the pinned one, or an older
+    release than this host has served, is refused before the server listens."""
+    from contract.bundle import sha256_file
+    from tests.helpers import run_module
+
+    state = {"MNIST_BUNDLE_STATE_DIR": str(tmp_path / "state")}
+    stores = {}
+    for version in (5, 3):
+        stores[version] = tmp_path / f"store{version}"
+        run_module("export", "archive", "--build-dir", str(artifacts.build_dir), "--model-store",
+                   str(stores[version]), "--model-version", str(version))
+    wrong, _, _ = start_server(stores[5], tmp_path / "w1", state, "--expect-sha256", "0" * 64)
+    assert wrong.returncode != 0 and "not the pinned" in wrong.stderr, wrong.stderr
+    pinned, _, _ = start_server(stores[5], tmp_path / "w2", state, "--expect-sha256",
+                                sha256_file(stores[5] / "mnist.mar"))
+    assert pinned.returncode == 0, pinned.stdout + pinned.stderr
+    assert "as pinned" in pinned.stdout and "model version 5" in pinned.stdout
+    assert "has exited" in oip("oip", "stop", "--workdir", str(tmp_path / "w2")).stdout
+    older, _, _ = start_server(stores[3], tmp_path / "w3", state)
+    assert older.returncode != 0 and "refusing a rollback" in older.stderr, older.stderr
+    allowed, _, _ = start_server(stores[3], tmp_path / "w4", state, "--allow-rollback")
+    assert allowed.returncode == 0 and "ROLLBACK allowed" in allowed.stdout, allowed.stdout + allowed.stderr
+    assert "has exited" in oip("oip", "stop", "--workdir", str(tmp_path / "w4")).stdout
 
 
 def test_the_kserve_manifests_probes_answer_on_the_real_server(oip_server):
