@@ -39,7 +39,7 @@ mkdir -p "$ctx/app/formats"
 cp "$root"/formats/*.py "$ctx/app/formats/"
 # The oip mode: its server and the archive verification it runs at every start.
 mkdir -p "$ctx/app/oip"
-cp "$root"/oip/{__init__,__main__,main,model}.py "$ctx/app/oip/"
+cp "$root"/oip/{__init__,__main__,main,model,versions}.py "$ctx/app/oip/"
 cp "$root/oip/requirements.txt" "$ctx/requirements-oip.txt"
 cp "$mar" "$ctx/app/model_store/mnist.mar"
 digest=$(sha256sum "$ctx/app/model_store/mnist.mar" | cut -d' ' -f1)
