@@ -24,11 +24,17 @@ listener still runs (it cannot be switched off), on internal loopback ports that
 and serve/process.py choose.
 
 The server holds no key: the `authorization` metadata travels on as the Authorization header and
-TorchServe decides. `--exit-with PID` ends it when that process is gone (the TorchServe it fronts).
+TorchServe decides (a call without one is refused at once where tokens are on). It is a grpc.aio
+server: a call waiting for its message costs a coroutine, and only the REST requests themselves
+take one of THREADS threads. `--exit-with PID` ends it when that process is gone (the TorchServe
+it fronts).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
+import logging
 import os
 import re
 import signal
@@ -67,28 +73,39 @@ STATUS_CODES = {
     507: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 TOKEN_REFUSED = "InvalidKeyException"
+# What TorchServe answers for a missing key; a call without one is refused with it before it
+# holds anything, when CONFIG has tokens on.
+NO_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a model name or version
 INPUT_KEY = "data"  # TorchServe's convention; a lone entry under any other name is taken too
 # Metadata that travels on as a header: the token, and the handler's per-request framing choice.
 FORWARDED_METADATA = ("authorization", "x-framing")
+HEADER_VALUE = re.compile(r"[\x20-\x7e]{1,8192}")  # printable ASCII: nothing a header could split on
 DEFAULT_LIMIT = 6553500  # TorchServe's max_request_size and max_response_size when unset
 # The message around the body (model name, map key, lengths) may take this much beyond
 # max_request_size: bodies near the limit are REST's to judge, with REST's 413 and message.
 MESSAGE_OVERHEAD = 4096
+MAX_DETAILS = 2048  # characters of a status's details: they travel in a header
 READY_TIMEOUT_S = 60  # compiling the stubs on a first start takes a few seconds
-THREADS = 64  # calls in flight; each waits on one REST request while TorchServe batches them
+# REST requests in flight at once, each on a thread while TorchServe batches them. A call waiting
+# for its message or for a thread costs a coroutine, not a thread: idle calls cannot starve others.
+THREADS = 64
+STREAM_IDLE_S = 60  # a StreamPredictions2 stream with no new message for this long is ended
+CONNECTION_AGE_MS = 30 * 60 * 1000  # connections are recycled (clients reconnect by themselves)
+logger = logging.getLogger("serve.grpc_server")
 
 
 class RestError(Exception):
     """REST's refusal, as the gRPC status and details it becomes."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
+        details = details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS - 3] + "..."
         super().__init__(details)
         self.code, self.details = code, details
 
 
 def grpc_error(response: requests.Response) -> RestError:
-    """The gRPC status and details for a REST answer other than 200."""
+    """The gRPC status and details for a REST answer that is not a success."""
     try:
         body = response.json()
     except ValueError:
@@ -105,27 +122,41 @@ def grpc_error(response: requests.Response) -> RestError:
     return RestError(code, str(message))
 
 
+def forwarded_headers(context) -> dict[str, str]:
+    """The metadata that travels on as headers, checked: a value REST could not take as it is is
+    refused here, without repeating it (it may be a key)."""
+    headers = {}
+    for name, value in context.invocation_metadata() or ():
+        if name in FORWARDED_METADATA:
+            value = value.strip() if isinstance(value, str) else ""
+            if not HEADER_VALUE.fullmatch(value):
+                raise RestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the {name} metadata is empty, too long or holds characters other "
+                                "than printable ASCII")
+            headers[name] = value
+    return headers
+
+
 class Rest:
-    """TorchServe's REST API, one HTTP session per server thread (requests' sessions are not
-    shared safely between threads)."""
+    """TorchServe's REST API, called from a bounded pool of threads, one HTTP session each
+    (requests' sessions are not shared safely between threads)."""
 
     def __init__(self, inference_url: str, management_url: str, timeout: float):
         self.inference_url, self.management_url, self.timeout = inference_url, management_url, timeout
         self.local = threading.local()
+        self.pool = futures.ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="rest")
 
     def session(self) -> requests.Session:
         if not hasattr(self.local, "session"):
             self.local.session = requests.Session()
+            # Loopback only: no proxy from the environment (it would see every caller's key),
+            # no ~/.netrc.
+            self.local.session.trust_env = False
         return self.local.session
 
-    def call(self, context, method: str, url: str, **kwargs) -> bytes:
-        headers = {name: value for name, value in context.invocation_metadata()
-                   if name in FORWARDED_METADATA}
-        headers.update(kwargs.pop("headers", {}))
-        remaining = context.time_remaining()
-        timeout = self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
+    def request(self, method: str, url: str, timeout: float, **kwargs) -> requests.Response:
         try:
-            response = self.session().request(method, url, headers=headers, timeout=timeout, **kwargs)
+            return self.session().request(method, url, timeout=timeout, **kwargs)
         except requests.Timeout:
             raise RestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                             f"TorchServe did not answer within {timeout:.1f} s") from None
@@ -133,9 +164,21 @@ class Rest:
             raise RestError(grpc.StatusCode.UNAVAILABLE,
                             f"TorchServe is not answering at {url.split('/', 3)[2]}: is it running "
                             "(make serve)?") from None
+        except requests.RequestException as error:
+            logger.warning("REST request refused by requests: %s", type(error).__name__)
+            raise RestError(grpc.StatusCode.INTERNAL, "the request could not be sent to TorchServe "
+                            f"({type(error).__name__})") from None
+
+    async def call(self, context, method: str, url: str, **kwargs) -> bytes:
+        headers = forwarded_headers(context)
+        headers.update(kwargs.pop("headers", {}))
+        remaining = context.time_remaining()
+        timeout = self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
+        response = await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(self.request, method, url, timeout, headers=headers, **kwargs))
         if "X-Batch-Size" in response.headers:  # how many requests shared the model call
-            context.set_trailing_metadata([("x-batch-size", response.headers["X-Batch-Size"])])
-        if response.status_code != 200:
+            context.set_trailing_metadata((("x-batch-size", response.headers["X-Batch-Size"]),))
+        if not response.ok:
             raise grpc_error(response)
         return response.content
 
@@ -160,68 +203,94 @@ def request_body(request) -> bytes:
         return request.input[INPUT_KEY]
     if len(request.input) == 1:
         return next(iter(request.input.values()))
+    names = sorted(request.input)
+    shown = ", ".join(repr(n[:64]) for n in names[:5]) + (", ..." if len(names) > 5 else "")
     raise RestError(grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the request's input map holds {len(request.input)} entries "
-                    f"({', '.join(sorted(request.input)) or 'none'}); put the image bytes, base64 text "
-                    f"or JSON body under '{INPUT_KEY}'")
+                    f"the request's input map holds {len(names)} entries ({shown or 'none'}); put the "
+                    f"image bytes, base64 text or JSON body under '{INPUT_KEY}'")
 
 
 def servicers(rest: Rest, pb):
     inference_pb2, management_pb2 = pb.inference_pb2, pb.management_pb2
 
-    def predict(request, context) -> bytes:
+    async def predict(request, context) -> bytes:
         url = f"{rest.inference_url}/predictions{model_path(request.model_name, request.model_version)}"
         # gRPC carries no content type and needs none: the handler reads what the bytes are, as it
         # does for TorchServe's own gRPC.
-        return rest.call(context, "POST", url, data=request_body(request),
-                         headers={"Content-Type": "application/octet-stream"})
+        return await rest.call(context, "POST", url, data=request_body(request),
+                               headers={"Content-Type": "application/octet-stream"})
 
     def answer(call):
-        """A unary method from `call(request, context) -> message`: refusals abort with their status."""
-        def method(self, request, context):
+        """A unary method from `async call(request, context) -> message`: refusals abort with
+        their status."""
+        async def method(self, request, context):
             try:
-                return call(request, context)
+                return await call(request, context)
             except RestError as error:
-                context.abort(error.code, error.details)
+                await context.abort(error.code, error.details)
         return method
 
-    class Inference(pb.inference_pb2_grpc.InferenceAPIsServiceServicer):
-        Ping = answer(lambda request, context: inference_pb2.TorchServeHealthResponse(
-            health=rest.call(context, "GET", f"{rest.inference_url}/ping").decode()))
-        Predictions = answer(lambda request, context: inference_pb2.PredictionResponse(
-            prediction=predict(request, context)))
+    async def ping(request, context):
+        return inference_pb2.TorchServeHealthResponse(
+            health=(await rest.call(context, "GET", f"{rest.inference_url}/ping")).decode())
 
-        def StreamPredictions(self, request, context):
+    async def predictions(request, context):
+        return inference_pb2.PredictionResponse(prediction=await predict(request, context))
+
+    class Inference(pb.inference_pb2_grpc.InferenceAPIsServiceServicer):
+        Ping = answer(ping)
+        Predictions = answer(predictions)
+
+        async def StreamPredictions(self, request, context):
             # The model answers in one message: the stream carries it and ends.
             try:
-                yield inference_pb2.PredictionResponse(prediction=predict(request, context))
+                reply = inference_pb2.PredictionResponse(prediction=await predict(request, context))
             except RestError as error:
-                context.abort(error.code, error.details)
+                await context.abort(error.code, error.details)
+            yield reply
 
-        def StreamPredictions2(self, requests_, context):
+        async def StreamPredictions2(self, request_iterator, context):
             # One answer per request, in order; a refused one carries its status in the message
-            # (PredictionResponse.status) and the stream goes on.
+            # (PredictionResponse.status) and the stream goes on. A stream left idle is ended.
             from google.rpc import status_pb2
 
-            for request in requests_:
+            while True:
+                try:
+                    request = await asyncio.wait_for(context.read(), STREAM_IDLE_S)
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"no message for {STREAM_IDLE_S} s: the stream is ended")
+                if request is grpc.aio.EOF:
+                    return
                 sequence = {"sequence_id": request.sequence_id} if request.HasField("sequence_id") else {}
                 try:
-                    yield inference_pb2.PredictionResponse(prediction=predict(request, context), **sequence)
+                    reply = inference_pb2.PredictionResponse(prediction=await predict(request, context), **sequence)
                 except RestError as error:
-                    status = status_pb2.Status(code=error.code.value[0], message=error.details)
-                    yield inference_pb2.PredictionResponse(status=status, **sequence)
+                    reply = inference_pb2.PredictionResponse(
+                        status=status_pb2.Status(code=error.code.value[0], message=error.details), **sequence)
+                await context.write(reply)
 
     def management(call):
-        return answer(lambda request, context: management_pb2.ManagementResponse(
-            msg=call(request, context).decode()))
+        async def message(request, context):
+            return management_pb2.ManagementResponse(msg=(await call(request, context)).decode())
+        return answer(message)
 
     def models(request) -> str:
         return f"{rest.management_url}/models{model_path(request.model_name, request.model_version)}"
 
     def present(**params) -> dict:
-        """Query parameters for the fields a client set (proto3 reads an unset number as 0)."""
+        """Query parameters for the fields a client set (proto3 reads an unset number as 0, so a
+        0 cannot be sent: REST's default applies, as on TorchServe's own listener)."""
+        for name, value in params.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise RestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is {value}: it cannot be negative")
         return {name: str(value).lower() if isinstance(value, bool) else value
                 for name, value in params.items() if value not in (0, "", False)}
+
+    def set_default(r, c):
+        if not r.model_version:
+            raise RestError(grpc.StatusCode.INVALID_ARGUMENT, "SetDefault needs model_version: the version to make the default")
+        return rest.call(c, "PUT", models(r) + "/set-default")
 
     class Management(pb.management_pb2_grpc.ManagementAPIsServiceServicer):
         # An absent limit is REST's default (100), not TorchServe gRPC's 0 that lists nothing.
@@ -232,7 +301,7 @@ def servicers(rest: Rest, pb):
         ScaleWorker = management(lambda r, c: rest.call(c, "PUT", models(r), params=present(
             min_worker=r.min_worker, max_worker=r.max_worker, number_gpu=r.number_gpu,
             synchronous=r.synchronous, timeout=r.timeout)))
-        SetDefault = management(lambda r, c: rest.call(c, "PUT", models(r) + "/set-default"))
+        SetDefault = management(set_default)
         UnregisterModel = management(lambda r, c: rest.call(c, "DELETE", models(r)))
         RegisterModel = management(lambda r, c: rest.call(c, "POST", f"{rest.management_url}/models", params=present(
             url=r.url, model_name=r.model_name, handler=r.handler, runtime=r.runtime,
@@ -243,29 +312,62 @@ def servicers(rest: Rest, pb):
     return Inference(), Management()
 
 
+class KeyRequired(grpc.aio.ServerInterceptor):
+    """Refuse a call without `authorization` metadata at once, as TorchServe would, before it
+    waits for its message or holds a place among the calls in flight."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or any(name == "authorization" for name, _ in details.invocation_metadata or ()):
+            return handler
+
+        async def refuse(request_or_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, NO_KEY)
+
+        async def refuse_streaming(request_or_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, NO_KEY)
+            yield  # an async generator, as a response-streaming handler must be
+
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[
+            (handler.request_streaming, handler.response_streaming)]
+        return make(refuse_streaming if handler.response_streaming else refuse,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
 class Front:
-    """The two grpcio servers, inference and management, each on its own port with its own service."""
+    """The two grpc.aio servers, inference and management, each on its own port with its own service."""
 
     def __init__(self, props: dict[str, str], inference: str, management: str):
         """`inference` and `management`: the HOST:PORT each service listens on."""
-        pb = stubs()
+        self.props, self.addresses = props, (inference, management)
+        self.servers: list[grpc.aio.Server] = []
+
+    async def start(self) -> None:
+        props, pb = self.props, stubs()
         timeout = float(props.get("default_response_timeout", 120)) + 5
         rest = Rest(props.get("inference_address", "http://127.0.0.1:8080"),
                     props.get("management_address", "http://127.0.0.1:8081"), timeout)
-        limits = [("grpc.max_receive_message_length",
-                   int(props.get("max_request_size", DEFAULT_LIMIT)) + MESSAGE_OVERHEAD),
-                  ("grpc.max_send_message_length",
-                   int(props.get("max_response_size", DEFAULT_LIMIT)) + MESSAGE_OVERHEAD),
-                  ("grpc.so_reuseport", 0)]  # a port in use is an error, not shared
-        # Calls beyond the job queue's size are refused at once (RESOURCE_EXHAUSTED), as REST's 503.
+        options = [("grpc.max_receive_message_length",
+                    int(props.get("max_request_size", DEFAULT_LIMIT)) + MESSAGE_OVERHEAD),
+                   ("grpc.max_send_message_length",
+                    int(props.get("max_response_size", DEFAULT_LIMIT)) + MESSAGE_OVERHEAD),
+                   ("grpc.max_connection_age_ms", CONNECTION_AGE_MS),
+                   ("grpc.max_connection_age_grace_ms", 60_000),
+                   ("grpc.so_reuseport", 0)]  # a port in use is an error, not shared
+        tokens = props.get("disable_token_authorization", "false").lower() != "true"
+        interceptors = [KeyRequired()] if tokens else []
+        # More calls at once than TorchServe's job queue holds are refused at once
+        # (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!"), as REST's queue refuses them.
         queue = int(props.get("job_queue_size", 100))
-        self.servers = []
         inference_service, management_service = servicers(rest, pb)
-        for address, threads, add, service in (
-                (inference, THREADS, pb.inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server, inference_service),
-                (management, 4, pb.management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server, management_service)):
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                                 maximum_concurrent_rpcs=queue, options=limits)
+        for address, add, service in (
+                (self.addresses[0], pb.inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server, inference_service),
+                (self.addresses[1], pb.management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server, management_service)):
+            server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=queue, options=options)
             add(service, server)
             try:
                 bound = server.add_insecure_port(address)
@@ -275,15 +377,13 @@ class Front:
                 raise SystemExit(f"[grpc] cannot listen on {address}: is the port taken?")
             self.servers.append(server)
         for server in self.servers:
-            server.start()
+            await server.start()
 
-    def stop(self, grace: float = 5) -> None:
-        for event in [server.stop(grace) for server in self.servers]:
-            event.wait()
+    async def stop(self, grace: float = 5) -> None:
+        await asyncio.gather(*(server.stop(grace) for server in self.servers))
 
-    def wait(self) -> None:
-        for server in self.servers:
-            server.wait_for_termination()
+    async def wait(self) -> None:
+        await asyncio.gather(*(server.wait_for_termination() for server in self.servers))
 
 
 def start_process(config: Path, inference: str, management: str, log: Path,
@@ -294,7 +394,8 @@ def start_process(config: Path, inference: str, management: str, log: Path,
                "--inference", inference, "--management", management]
     if exit_with_pid is not None:
         command += ["--exit-with", str(exit_with_pid)]
-    with open(log, "ab") as out:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # its owner's only, like TorchServe's logs
+    with os.fdopen(fd, "ab") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -327,20 +428,38 @@ def stop_process(process: subprocess.Popen | None, patience: float = 15) -> None
         process.wait()
 
 
-def exit_with(pid: int, front: Front) -> None:
-    """Stop `front` once process `pid` is gone, checking every second."""
-    def watch():
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                print(f"[grpc] process {pid} has exited: stopping", flush=True)
-                front.stop(grace=2)
-                return
-            except PermissionError:
-                pass
-            time.sleep(1)
-    threading.Thread(target=watch, daemon=True).start()
+def gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie its parent has not reaped yet has)."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+async def serve(args) -> None:
+    front = Front(read_properties(args.config), args.inference, args.management)
+    await front.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    async def watch(pid: int) -> None:
+        while not gone(pid):
+            await asyncio.sleep(1)
+        print(f"[grpc] process {pid} has exited: stopping", flush=True)
+        stopping.set()
+
+    watcher = asyncio.create_task(watch(args.exit_with)) if args.exit_with else None
+    print(f"[grpc] TorchServe's gRPC API on {args.inference} (inference) and {args.management} "
+          "(management), answered through its REST API", flush=True)
+    await stopping.wait()
+    if watcher is not None:
+        watcher.cancel()
+    await front.stop(grace=5)
 
 
 def main(argv=None) -> None:
@@ -353,14 +472,14 @@ def main(argv=None) -> None:
     p.add_argument("--exit-with", type=int, default=None, metavar="PID",
                    help="stop when this process (the TorchServe fronted) has exited")
     args = p.parse_args(argv)
-    front = Front(read_properties(args.config), args.inference, args.management)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: threading.Thread(target=front.stop).start())
-    if args.exit_with:
-        exit_with(args.exit_with, front)
-    print(f"[grpc] TorchServe's gRPC API on {args.inference} (inference) and {args.management} "
-          "(management), answered through its REST API", flush=True)
-    front.wait()
+    # Unexpected errors in a call reach the log (grpc's own logger only has a NullHandler).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+    print("[grpc] stopped", flush=True)
+    sys.stderr.flush()
+    # A REST request still stuck in the pool's threads must not hold the exit back (up to
+    # default_response_timeout): the calls have been answered or cancelled already.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,18 @@ def test_ping_and_management_calls(server, client):
         client.management.RegisterModel(pb.RegisterModelRequest(url="https://example.com/x.mar"),
                                         metadata=client.metadata("management"), timeout=10)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # ScaleWorker to the count it has: REST's 202 "Processing worker updates..." is a success.
+    workers = len(described[0]["workers"])
+    scaled = client.management.ScaleWorker(pb.ScaleWorkerRequest(model_name="mnist", min_worker=workers, max_worker=workers),
+                                           metadata=client.metadata("management"), timeout=30).msg
+    assert "Processing worker updates" in scaled or "Workers scaled" in scaled, scaled
+    for request in (pb.ScaleWorkerRequest(model_name="mnist", min_worker=-1),):
+        with pytest.raises(grpc.RpcError) as raised:
+            client.management.ScaleWorker(request, metadata=client.metadata("management"), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot be negative" in raised.value.details()
+    with pytest.raises(grpc.RpcError) as raised:
+        client.management.SetDefault(pb.SetDefaultRequest(model_name="mnist"), metadata=client.metadata("management"), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs model_version" in raised.value.details()
     with pytest.raises(grpc.RpcError) as raised:  # the inference key on the management API
         client.management.ListModels(pb.ListModelsRequest(), metadata=client.metadata("inference"), timeout=10)
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED

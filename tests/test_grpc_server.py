@@ -2,6 +2,7 @@
 status mapping of REST answers, and a process that ends with the TorchServe it fronts."""
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 import time
@@ -40,44 +41,144 @@ def test_rest_statuses_become_grpc_statuses_with_rests_message(status, body, cod
     assert (error.code, error.details) == (code, details)
 
 
-@pytest.fixture
-def front(tmp_path):
-    """The server in its own process, fronting REST ports where nothing listens."""
-    rest, inference, management = free_ports(3)
+KEY = [("authorization", "Bearer some-key")]
+
+
+def start_front(tmp_path, rest_port: int, tokens: bool = True):
+    """The server in its own process, fronting REST on `rest_port`, ending with a `keeper` process."""
+    inference, management = free_ports(2)
     config = tmp_path / "config.properties"
-    config.write_text(f"inference_address=http://127.0.0.1:{rest}\nmanagement_address=http://127.0.0.1:{rest}\n"
-                      "max_request_size=1048576\n")
+    config.write_text(f"inference_address=http://127.0.0.1:{rest_port}\nmanagement_address=http://127.0.0.1:{rest_port}\n"
+                      f"max_request_size=1048576\ndisable_token_authorization={'false' if tokens else 'true'}\n")
     keeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     process = grpc_server.start_process(config, f"127.0.0.1:{inference}", f"127.0.0.1:{management}",
                                         tmp_path / "grpc.log", exit_with_pid=keeper.pid)
-    yield process, keeper, f"127.0.0.1:{inference}", tmp_path / "grpc.log"
+    return process, keeper, f"127.0.0.1:{inference}", tmp_path / "grpc.log"
+
+
+@pytest.fixture
+def front(tmp_path):
+    """The server fronting REST ports where nothing listens."""
+    process, keeper, target, log = start_front(tmp_path, free_ports(1)[0])
+    yield process, keeper, target, log
     keeper.kill()
+    keeper.wait()
     grpc_server.stop_process(process)
 
 
-def test_without_torchserve_calls_are_unavailable_at_once(front):
-    process, _, target, _ = front
+def predictions(target: str, request=None, metadata=KEY, timeout=20):
     pb = stubs()
     with grpc.insecure_channel(target) as channel:
         stub = pb.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        request = request or pb.inference_pb2.PredictionsRequest(model_name="mnist", input={"data": b"x"})
+        return stub.Predictions(request, metadata=metadata, timeout=timeout)
+
+
+def test_without_torchserve_calls_are_unavailable_at_once(front):
+    process, _, target, log = front
+    pb = stubs()
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        predictions(target)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "TorchServe is not answering" in raised.value.details()
+    assert time.monotonic() - started < 5
+    with pytest.raises(grpc.RpcError) as raised:  # checked before any REST call
+        predictions(target, pb.inference_pb2.PredictionsRequest(model_name="..", input={"data": b"x"}))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as raised:  # an input map too big to list: the details stay short
+        predictions(target, pb.inference_pb2.PredictionsRequest(
+            model_name="mnist", input={f"{i:05d}" + "k" * 200: b"" for i in range(2000)}))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2000 entries" in raised.value.details() and len(raised.value.details()) < 1000
+    assert process.poll() is None
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+
+
+def test_a_call_without_a_key_is_refused_before_anything_else(front):
+    _, _, target, _ = front
+    with pytest.raises(grpc.RpcError) as raised:
+        predictions(target, metadata=[])
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert raised.value.details().startswith("Token Authorization failed")
+
+
+def test_with_tokens_off_a_call_needs_no_key(tmp_path):
+    process, keeper, target, _ = start_front(tmp_path, free_ports(1)[0], tokens=False)
+    try:
+        with pytest.raises(grpc.RpcError) as raised:
+            predictions(target, metadata=[])
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # on to REST
+    finally:
+        keeper.kill()
+        keeper.wait()
+        grpc_server.stop_process(process)
+
+
+def test_metadata_rest_cannot_take_is_refused_without_repeating_it(front):
+    _, _, target, _ = front
+    with pytest.raises(grpc.RpcError) as raised:  # a leading space is HTTP's optional whitespace
+        predictions(target, metadata=[("authorization", "  Bearer secret-key")])
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as raised:
+        predictions(target, metadata=[("authorization", "Bearer " + "k" * 9000)])
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "kkk" not in raised.value.details()
+
+
+def test_idle_streams_do_not_starve_other_calls(front):
+    """More open streams than the server has REST threads, none sending a message: a call with
+    its message still gets its answer at once."""
+    _, _, target, _ = front
+    pb = stubs()
+    idle = []
+    with grpc.insecure_channel(target) as channel:
+        stub = pb.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        for _ in range(grpc_server.THREADS + 16):
+            idle.append(stub.StreamPredictions2(iter(lambda: time.sleep(30), 1), metadata=KEY, timeout=60))
+        time.sleep(1)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
-            stub.Predictions(pb.inference_pb2.PredictionsRequest(model_name="mnist", input={"data": b"x"}), timeout=20)
-        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "TorchServe is not answering" in raised.value.details()
+            predictions(target, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # answered, not DEADLINE_EXCEEDED
         assert time.monotonic() - started < 5
-        with pytest.raises(grpc.RpcError) as raised:  # checked before any REST call
-            stub.Predictions(pb.inference_pb2.PredictionsRequest(model_name="..", input={"data": b"x"}), timeout=20)
-        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert process.poll() is None
+        for call in idle:
+            call.cancel()
 
 
 def test_it_exits_with_the_process_it_fronts(front):
     process, keeper, _, log = front
-    keeper.kill()
-    keeper.wait()
+    keeper.kill()  # not reaped: a zombie, as a launcher whose Java died is until its parent waits
     process.wait(timeout=15)
     assert "has exited: stopping" in log.read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_it_while_a_rest_request_hangs(tmp_path):
+    import socket
+
+    silent = socket.socket()  # accepts connections (the backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    process, keeper, target, _ = start_front(tmp_path, silent.getsockname()[1])
+    try:
+        pb = stubs()
+        with grpc.insecure_channel(target) as channel:
+            stub = pb.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+            pending = stub.Predictions.future(pb.inference_pb2.PredictionsRequest(
+                model_name="mnist", input={"data": b"x"}), metadata=KEY, timeout=120)
+            time.sleep(1)
+            started = time.monotonic()
+            process.terminate()
+            process.wait(timeout=20)
+            assert time.monotonic() - started < 10
+            with pytest.raises(grpc.RpcError):
+                pending.result(timeout=10)
+    finally:
+        silent.close()
+        keeper.kill()
+        keeper.wait()
+        grpc_server.stop_process(process)
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path):
