@@ -25,28 +25,25 @@ and serve/process.py choose.
 
 The server holds no key: the `authorization` metadata travels on as the Authorization header and
 TorchServe decides (a call without one is refused at once where tokens are on). It is a grpc.aio
-server: a call waiting for its message costs a coroutine, and only the REST requests themselves
-take one of THREADS threads. `--exit-with PID` ends it when that process is gone (the TorchServe
+server calling REST with aiohttp: every call is a coroutine, none holds a thread. `--exit-with PID` ends it when that process is gone (the TorchServe
 it fronts).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
+import json
 import logging
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
+import aiohttp
 import grpc
-import requests
 
 from contract.paths import ROOT
 from serve.client import read_properties
@@ -87,9 +84,9 @@ DEFAULT_LIMIT = 6553500  # TorchServe's max_request_size and max_response_size w
 MESSAGE_OVERHEAD = 4096
 MAX_DETAILS = 2048  # characters of a status's details: they travel in a header
 READY_TIMEOUT_S = 60  # compiling the stubs on a first start takes a few seconds
-# REST requests in flight at once, each on a thread while TorchServe batches them. A call waiting
-# for its message or for a thread costs a coroutine, not a thread: idle calls cannot starve others.
-THREADS = 64
+# REST requests in flight at once while TorchServe batches them. Every call is a coroutine: one
+# waiting for its message, or for a connection, holds no thread and cannot starve the others.
+REST_CONNECTIONS = 64
 STREAM_IDLE_S = 60  # a StreamPredictions2 stream with no new message for this long is ended
 CONNECTION_AGE_MS = 30 * 60 * 1000  # connections are recycled (clients reconnect by themselves)
 logger = logging.getLogger("serve.grpc_server")
@@ -104,20 +101,20 @@ class RestError(Exception):
         self.code, self.details = code, details
 
 
-def grpc_error(response: requests.Response) -> RestError:
+def grpc_error(status: int, data: bytes, reason: str | None = None) -> RestError:
     """The gRPC status and details for a REST answer that is not a success."""
+    text = data.decode("utf-8", "replace")
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
         body = None
     if isinstance(body, dict):
-        message = body.get("error") or body.get("message") or response.text
+        message = body.get("error") or body.get("message") or text
         if body.get("type") == TOKEN_REFUSED:
             return RestError(grpc.StatusCode.UNAUTHENTICATED, message)
     else:
-        message = response.text.strip() or " ".join(filter(None, ("HTTP", str(response.status_code), response.reason)))
-    code = STATUS_CODES.get(response.status_code,
-                            grpc.StatusCode.INVALID_ARGUMENT if 400 <= response.status_code < 500
+        message = text.strip() or " ".join(filter(None, ("HTTP", str(status), reason)))
+    code = STATUS_CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500
                             else grpc.StatusCode.INTERNAL)
     return RestError(code, str(message))
 
@@ -138,49 +135,48 @@ def forwarded_headers(context) -> dict[str, str]:
 
 
 class Rest:
-    """TorchServe's REST API, called from a bounded pool of threads, one HTTP session each
-    (requests' sessions are not shared safely between threads)."""
+    """TorchServe's REST API over one aiohttp session: kept-alive connections, at most
+    REST_CONNECTIONS at once, all on the event loop (no thread per call)."""
 
     def __init__(self, inference_url: str, management_url: str, timeout: float):
         self.inference_url, self.management_url, self.timeout = inference_url, management_url, timeout
-        self.local = threading.local()
-        self.pool = futures.ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="rest")
+        self.session: aiohttp.ClientSession | None = None
 
-    def session(self) -> requests.Session:
-        if not hasattr(self.local, "session"):
-            self.local.session = requests.Session()
-            # Loopback only: no proxy from the environment (it would see every caller's key),
-            # no ~/.netrc.
-            self.local.session.trust_env = False
-        return self.local.session
+    async def open(self) -> None:
+        # No proxy from the environment (it would see every caller's key) and no ~/.netrc: the
+        # REST API is on loopback.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=REST_CONNECTIONS),
+                                             trust_env=False, auto_decompress=False)
 
-    def request(self, method: str, url: str, timeout: float, **kwargs) -> requests.Response:
-        try:
-            return self.session().request(method, url, timeout=timeout, **kwargs)
-        except requests.Timeout:
-            raise RestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"TorchServe did not answer within {timeout:.1f} s") from None
-        except requests.ConnectionError:
-            raise RestError(grpc.StatusCode.UNAVAILABLE,
-                            f"TorchServe is not answering at {url.split('/', 3)[2]}: is it running "
-                            "(make serve)?") from None
-        except requests.RequestException as error:
-            logger.warning("REST request refused by requests: %s", type(error).__name__)
-            raise RestError(grpc.StatusCode.INTERNAL, "the request could not be sent to TorchServe "
-                            f"({type(error).__name__})") from None
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
 
     async def call(self, context, method: str, url: str, **kwargs) -> bytes:
         headers = forwarded_headers(context)
         headers.update(kwargs.pop("headers", {}))
         remaining = context.time_remaining()
         timeout = self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
-        response = await asyncio.get_running_loop().run_in_executor(
-            self.pool, functools.partial(self.request, method, url, timeout, headers=headers, **kwargs))
+        try:
+            async with self.session.request(method, url, headers=headers, allow_redirects=False,
+                                            timeout=aiohttp.ClientTimeout(total=timeout), **kwargs) as response:
+                data = await response.read()
+        except TimeoutError:
+            raise RestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"TorchServe did not answer within {timeout:.1f} s") from None
+        except (aiohttp.ClientConnectionError, ConnectionError):
+            raise RestError(grpc.StatusCode.UNAVAILABLE,
+                            f"TorchServe is not answering at {url.split('/', 3)[2]}: is it running "
+                            "(make serve)?") from None
+        except (aiohttp.ClientError, ValueError) as error:
+            logger.warning("REST request failed in aiohttp: %s", type(error).__name__)
+            raise RestError(grpc.StatusCode.INTERNAL, "the request could not be sent to TorchServe "
+                            f"({type(error).__name__})") from None
         if "X-Batch-Size" in response.headers:  # how many requests shared the model call
             context.set_trailing_metadata((("x-batch-size", response.headers["X-Batch-Size"]),))
-        if not response.ok:
-            raise grpc_error(response)
-        return response.content
+        if not 200 <= response.status < 300:
+            raise grpc_error(response.status, data, response.reason)
+        return data
 
 
 def model_path(name: str, version: str = "") -> str:
@@ -345,12 +341,15 @@ class Front:
         """`inference` and `management`: the HOST:PORT each service listens on."""
         self.props, self.addresses = props, (inference, management)
         self.servers: list[grpc.aio.Server] = []
+        self.rest: Rest | None = None
 
     async def start(self) -> None:
         props, pb = self.props, stubs()
         timeout = float(props.get("default_response_timeout", 120)) + 5
         rest = Rest(props.get("inference_address", "http://127.0.0.1:8080"),
                     props.get("management_address", "http://127.0.0.1:8081"), timeout)
+        await rest.open()
+        self.rest = rest
         options = [("grpc.max_receive_message_length",
                     int(props.get("max_request_size", DEFAULT_LIMIT)) + MESSAGE_OVERHEAD),
                    ("grpc.max_send_message_length",
@@ -381,6 +380,7 @@ class Front:
 
     async def stop(self, grace: float = 5) -> None:
         await asyncio.gather(*(server.stop(grace) for server in self.servers))
+        await self.rest.close()
 
     async def wait(self) -> None:
         await asyncio.gather(*(server.wait_for_termination() for server in self.servers))
@@ -476,10 +476,6 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(args))
     print("[grpc] stopped", flush=True)
-    sys.stderr.flush()
-    # A REST request still stuck in the pool's threads must not hold the exit back (up to
-    # default_response_timeout): the calls have been answered or cancelled already.
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,10 @@ import time
 
 import grpc
 import pytest
-import requests
 
 from serve import grpc_server
 from serve.grpc_protos import stubs
 from serve.process import free_ports
-
-
-def rest_answer(status: int, body: bytes, content_type="application/json") -> requests.Response:
-    response = requests.Response()
-    response.status_code, response._content = status, body
-    response.headers["Content-Type"] = content_type
-    return response
 
 
 @pytest.mark.parametrize("status, body, code, details", [
@@ -37,7 +29,7 @@ def rest_answer(status: int, body: bytes, content_type="application/json") -> re
     (418, b"", grpc.StatusCode.INVALID_ARGUMENT, "HTTP 418"),
 ])
 def test_rest_statuses_become_grpc_statuses_with_rests_message(status, body, code, details):
-    error = grpc_server.grpc_error(rest_answer(status, body))
+    error = grpc_server.grpc_error(status, body)
     assert (error.code, error.details) == (code, details)
 
 
@@ -127,14 +119,14 @@ def test_metadata_rest_cannot_take_is_refused_without_repeating_it(front):
 
 
 def test_idle_streams_do_not_starve_other_calls(front):
-    """More open streams than the server has REST threads, none sending a message: a call with
-    its message still gets its answer at once."""
+    """More open streams than the server has REST connections, none sending a message: a call
+    with its message still gets its answer at once."""
     _, _, target, _ = front
     pb = stubs()
     idle = []
     with grpc.insecure_channel(target) as channel:
         stub = pb.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
-        for _ in range(grpc_server.THREADS + 16):
+        for _ in range(grpc_server.REST_CONNECTIONS + 16):
             idle.append(stub.StreamPredictions2(iter(lambda: time.sleep(30), 1), metadata=KEY, timeout=60))
         time.sleep(1)
         started = time.monotonic()
