@@ -82,12 +82,15 @@ DEFAULT_LIMIT = 6553500  # TorchServe's max_request_size and max_response_size w
 # The message around the body (model name, map key, lengths) may take this much beyond
 # max_request_size: bodies near the limit are REST's to judge, with REST's 413 and message.
 MESSAGE_OVERHEAD = 4096
-MAX_DETAILS = 2048  # characters of a status's details: they travel in a header
+MAX_DETAILS = 2048  # UTF-8 bytes of a status's details: they travel in a header
 READY_TIMEOUT_S = 60  # compiling the stubs on a first start takes a few seconds
-# REST requests in flight at once while TorchServe batches them. Every call is a coroutine: one
-# waiting for its message, or for a connection, holds no thread and cannot starve the others.
-REST_CONNECTIONS = 64
-STREAM_IDLE_S = 60  # a StreamPredictions2 stream with no new message for this long is ended
+# Every call is a coroutine: one waiting for its message holds no thread and no place. Predictions
+# in flight to REST are bounded by TorchServe's job_queue_size: one more is refused at once
+# (UNAVAILABLE, as REST's 503 for a full queue), never left to burn its deadline waiting. Ping and
+# the management calls have connections of their own: slow predictions cannot hold them up.
+CONTROL_CONNECTIONS = 8
+STREAM_FIRST_S = 10  # a StreamPredictions2 stream whose first message takes longer is ended
+STREAM_IDLE_S = 60  # ... and one with no new message for this long
 CONNECTION_AGE_MS = 30 * 60 * 1000  # connections are recycled (clients reconnect by themselves)
 logger = logging.getLogger("serve.grpc_server")
 
@@ -96,7 +99,11 @@ class RestError(Exception):
     """REST's refusal, as the gRPC status and details it becomes."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
-        details = details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS - 3] + "..."
+        # grpc percent-encodes every byte of the UTF-8 outside printable ASCII (up to 3x) into a
+        # header: the cap is on the encoded bytes, well below grpc's 8 KiB for all metadata.
+        encoded = details.encode()
+        if len(encoded) > MAX_DETAILS:
+            details = encoded[:MAX_DETAILS - 3].decode("utf-8", "ignore") + "..."
         super().__init__(details)
         self.code, self.details = code, details
 
@@ -110,6 +117,8 @@ def grpc_error(status: int, data: bytes, reason: str | None = None) -> RestError
         body = None
     if isinstance(body, dict):
         message = body.get("error") or body.get("message") or text
+        if not isinstance(message, str):
+            message = json.dumps(message)
         if body.get("type") == TOKEN_REFUSED:
             return RestError(grpc.StatusCode.UNAUTHENTICATED, message)
     else:
@@ -135,30 +144,51 @@ def forwarded_headers(context) -> dict[str, str]:
 
 
 class Rest:
-    """TorchServe's REST API over one aiohttp session: kept-alive connections, at most
-    REST_CONNECTIONS at once, all on the event loop (no thread per call)."""
+    """TorchServe's REST API over aiohttp sessions, all on the event loop (no thread per call):
+    one for predictions, at most `queue` in flight, one for Ping and management."""
 
-    def __init__(self, inference_url: str, management_url: str, timeout: float):
+    def __init__(self, inference_url: str, management_url: str, timeout: float, queue: int):
         self.inference_url, self.management_url, self.timeout = inference_url, management_url, timeout
-        self.session: aiohttp.ClientSession | None = None
+        self.queue = queue
+        self.in_flight = 0
+        self.predictions: aiohttp.ClientSession | None = None
+        self.control: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
         # No proxy from the environment (it would see every caller's key) and no ~/.netrc: the
         # REST API is on loopback.
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=REST_CONNECTIONS),
-                                             trust_env=False, auto_decompress=False)
+        def session(limit: int) -> aiohttp.ClientSession:
+            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), trust_env=False,
+                                         auto_decompress=False)
+        self.predictions, self.control = session(self.queue), session(CONTROL_CONNECTIONS)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        for session in (self.predictions, self.control):
+            if session is not None:
+                await session.close()
 
-    async def call(self, context, method: str, url: str, **kwargs) -> bytes:
+    async def predict(self, context, url: str, body: bytes) -> bytes:
+        """POST `body` to `url`, or UNAVAILABLE at once when `queue` predictions are in flight."""
+        if self.in_flight >= self.queue:
+            raise RestError(grpc.StatusCode.UNAVAILABLE,
+                            f"{self.queue} predictions are in flight (job_queue_size): retry shortly")
+        self.in_flight += 1
+        try:
+            return await self.call(context, "POST", url, data=body, session=self.predictions,
+                                   headers={"Content-Type": "application/octet-stream"})
+        finally:
+            self.in_flight -= 1
+
+    async def call(self, context, method: str, url: str, session: aiohttp.ClientSession | None = None,
+                   **kwargs) -> bytes:
+        """One REST request on `session` (the control one by default); its body, or RestError."""
+        session = session or self.control
         headers = forwarded_headers(context)
         headers.update(kwargs.pop("headers", {}))
         remaining = context.time_remaining()
         timeout = self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
         try:
-            async with self.session.request(method, url, headers=headers, allow_redirects=False,
+            async with session.request(method, url, headers=headers, allow_redirects=False,
                                             timeout=aiohttp.ClientTimeout(total=timeout), **kwargs) as response:
                 data = await response.read()
         except TimeoutError:
@@ -213,8 +243,7 @@ def servicers(rest: Rest, pb):
         url = f"{rest.inference_url}/predictions{model_path(request.model_name, request.model_version)}"
         # gRPC carries no content type and needs none: the handler reads what the bytes are, as it
         # does for TorchServe's own gRPC.
-        return await rest.call(context, "POST", url, data=request_body(request),
-                               headers={"Content-Type": "application/octet-stream"})
+        return await rest.predict(context, url, request_body(request))
 
     def answer(call):
         """A unary method from `async call(request, context) -> message`: refusals abort with
@@ -250,18 +279,22 @@ def servicers(rest: Rest, pb):
             # (PredictionResponse.status) and the stream goes on. A stream left idle is ended.
             from google.rpc import status_pb2
 
+            patience = STREAM_FIRST_S
             while True:
                 try:
-                    request = await asyncio.wait_for(context.read(), STREAM_IDLE_S)
+                    request = await asyncio.wait_for(context.read(), patience)
                 except TimeoutError:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        f"no message for {STREAM_IDLE_S} s: the stream is ended")
+                                        f"no message for {patience} s: the stream is ended")
                 if request is grpc.aio.EOF:
                     return
+                patience = STREAM_IDLE_S
                 sequence = {"sequence_id": request.sequence_id} if request.HasField("sequence_id") else {}
                 try:
                     reply = inference_pb2.PredictionResponse(prediction=await predict(request, context), **sequence)
                 except RestError as error:
+                    if error.code == grpc.StatusCode.UNAUTHENTICATED:  # no later message has another key
+                        await context.abort(error.code, error.details)
                     reply = inference_pb2.PredictionResponse(
                         status=status_pb2.Status(code=error.code.value[0], message=error.details), **sequence)
                 await context.write(reply)
@@ -276,10 +309,11 @@ def servicers(rest: Rest, pb):
 
     def present(**params) -> dict:
         """Query parameters for the fields a client set (proto3 reads an unset number as 0, so a
-        0 cannot be sent: REST's default applies, as on TorchServe's own listener)."""
-        for name, value in params.items():
-            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-                raise RestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is {value}: it cannot be negative")
+        0 cannot be sent: REST's default applies, as on TorchServe's own listener). A negative
+        worker or GPU count is refused: TorchServe takes it and removes every worker."""
+        for name in ("min_worker", "max_worker", "number_gpu"):
+            if params.get(name, 0) < 0:
+                raise RestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is {params[name]}: it cannot be negative")
         return {name: str(value).lower() if isinstance(value, bool) else value
                 for name, value in params.items() if value not in (0, "", False)}
 
@@ -314,7 +348,8 @@ class KeyRequired(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or any(name == "authorization" for name, _ in details.invocation_metadata or ()):
+        if handler is None or any(name == "authorization" and str(value).strip()
+                                  for name, value in details.invocation_metadata or ()):
             return handler
 
         async def refuse(request_or_iterator, context):
@@ -347,7 +382,8 @@ class Front:
         props, pb = self.props, stubs()
         timeout = float(props.get("default_response_timeout", 120)) + 5
         rest = Rest(props.get("inference_address", "http://127.0.0.1:8080"),
-                    props.get("management_address", "http://127.0.0.1:8081"), timeout)
+                    props.get("management_address", "http://127.0.0.1:8081"), timeout,
+                    int(props.get("job_queue_size", 100)))
         await rest.open()
         self.rest = rest
         options = [("grpc.max_receive_message_length",
@@ -359,14 +395,11 @@ class Front:
                    ("grpc.so_reuseport", 0)]  # a port in use is an error, not shared
         tokens = props.get("disable_token_authorization", "false").lower() != "true"
         interceptors = [KeyRequired()] if tokens else []
-        # More calls at once than TorchServe's job queue holds are refused at once
-        # (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!"), as REST's queue refuses them.
-        queue = int(props.get("job_queue_size", 100))
         inference_service, management_service = servicers(rest, pb)
         for address, add, service in (
                 (self.addresses[0], pb.inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server, inference_service),
                 (self.addresses[1], pb.management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server, management_service)):
-            server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=queue, options=options)
+            server = grpc.aio.server(interceptors=interceptors, options=options)
             add(service, server)
             try:
                 bound = server.add_insecure_port(address)

@@ -36,12 +36,13 @@ def test_rest_statuses_become_grpc_statuses_with_rests_message(status, body, cod
 KEY = [("authorization", "Bearer some-key")]
 
 
-def start_front(tmp_path, rest_port: int, tokens: bool = True):
+def start_front(tmp_path, rest_port: int, tokens: bool = True, queue: int = 256):
     """The server in its own process, fronting REST on `rest_port`, ending with a `keeper` process."""
     inference, management = free_ports(2)
     config = tmp_path / "config.properties"
     config.write_text(f"inference_address=http://127.0.0.1:{rest_port}\nmanagement_address=http://127.0.0.1:{rest_port}\n"
-                      f"max_request_size=1048576\ndisable_token_authorization={'false' if tokens else 'true'}\n")
+                      f"max_request_size=1048576\ndisable_token_authorization={'false' if tokens else 'true'}\n"
+                      f"job_queue_size={queue}\n")
     keeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     process = grpc_server.start_process(config, f"127.0.0.1:{inference}", f"127.0.0.1:{management}",
                                         tmp_path / "grpc.log", exit_with_pid=keeper.pid)
@@ -89,10 +90,11 @@ def test_without_torchserve_calls_are_unavailable_at_once(front):
 
 def test_a_call_without_a_key_is_refused_before_anything_else(front):
     _, _, target, _ = front
-    with pytest.raises(grpc.RpcError) as raised:
-        predictions(target, metadata=[])
-    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert raised.value.details().startswith("Token Authorization failed")
+    for metadata in ([], [("authorization", "")], [("authorization", "   ")]):
+        with pytest.raises(grpc.RpcError) as raised:
+            predictions(target, metadata=metadata)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert raised.value.details().startswith("Token Authorization failed")
 
 
 def test_with_tokens_off_a_call_needs_no_key(tmp_path):
@@ -119,23 +121,65 @@ def test_metadata_rest_cannot_take_is_refused_without_repeating_it(front):
 
 
 def test_idle_streams_do_not_starve_other_calls(front):
-    """More open streams than the server has REST connections, none sending a message: a call
-    with its message still gets its answer at once."""
+    """300 open streams with a wrong key, none sending a message (more than job_queue_size): a
+    call with its message still gets its answer at once."""
     _, _, target, _ = front
     pb = stubs()
+    channels = [grpc.insecure_channel(target) for _ in range(3)]
     idle = []
-    with grpc.insecure_channel(target) as channel:
-        stub = pb.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
-        for _ in range(grpc_server.REST_CONNECTIONS + 16):
-            idle.append(stub.StreamPredictions2(iter(lambda: time.sleep(30), 1), metadata=KEY, timeout=60))
-        time.sleep(1)
+    try:
+        for channel in channels:
+            stub = pb.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+            for _ in range(100):
+                idle.append(stub.StreamPredictions2(iter(lambda: time.sleep(30), 1),
+                                                    metadata=[("authorization", "Bearer wrong")], timeout=60))
+        time.sleep(2)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
             predictions(target, timeout=10)
-        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # answered, not DEADLINE_EXCEEDED
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # answered: not RESOURCE_EXHAUSTED
+        assert "TorchServe is not answering" in raised.value.details()
         assert time.monotonic() - started < 5
+    finally:
         for call in idle:
             call.cancel()
+        for channel in channels:
+            channel.close()
+
+
+def test_predictions_beyond_the_job_queue_are_refused_at_once(tmp_path):
+    import socket
+
+    silent = socket.socket()  # accepts connections (the backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    process, keeper, target, _ = start_front(tmp_path, silent.getsockname()[1], queue=4)
+    pb = stubs()
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+            request = pb.inference_pb2.PredictionsRequest(model_name="mnist", input={"data": b"x"})
+            hanging = [stub.Predictions.future(request, metadata=KEY, timeout=30) for _ in range(4)]
+            time.sleep(1)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Predictions(request, metadata=KEY, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "4 predictions are in flight" in raised.value.details()
+            assert time.monotonic() - started < 3
+            for call in hanging:
+                call.cancel()
+    finally:
+        silent.close()
+        keeper.kill()
+        keeper.wait()
+        grpc_server.stop_process(process)
+
+
+def test_details_stay_under_grpcs_header_limit():
+    error = grpc_server.RestError(grpc.StatusCode.INVALID_ARGUMENT, "é中" * 1000)
+    assert len(error.details.encode()) <= grpc_server.MAX_DETAILS and error.details.endswith("...")
+    assert grpc_server.grpc_error(400, b'{"error": {"a": "b"}}').details == '{"a": "b"}'
 
 
 def test_it_exits_with_the_process_it_fronts(front):
