@@ -77,7 +77,9 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a model name or versi
 INPUT_KEY = "data"  # TorchServe's convention; a lone entry under any other name is taken too
 # Metadata that travels on as a header: the token, and the handler's per-request framing choice.
 FORWARDED_METADATA = ("authorization", "x-framing")
-HEADER_VALUE = re.compile(r"[\x20-\x7e]{1,8192}")  # printable ASCII: nothing a header could split on
+# Printable ASCII (nothing a header could split on), at most 4 KiB: grpc refuses more than 8 KiB of
+# metadata in all, and drops calls at random between its soft limit and that.
+HEADER_VALUE = re.compile(r"[\x20-\x7e]{1,4096}")
 DEFAULT_LIMIT = 6553500  # TorchServe's max_request_size and max_response_size when unset
 # The message around the body (model name, map key, lengths) may take this much beyond
 # max_request_size: bodies near the limit are REST's to judge, with REST's 413 and message.

@@ -405,13 +405,16 @@ def test_the_manifest_pins_the_digest_and_mounts_the_key_the_image_trusts():
 def test_the_image_refuses_a_tampered_archive_at_start_and_serves_the_signed_one(tiny, signing_keys):
     """deploy/image-test.sh: builds the image, starts it with a tampered archive mounted, without
     the key, with another signer's key (each must exit non-zero with the reason, TorchServe never
-    run), then with the right ones (healthy, serving). Needs dockerd (the script starts one as root)."""
+    run), then with the right ones (healthy, serving); the same for the oip mode. Needs dockerd
+    (the script starts one as root)."""
     env = {**os.environ, "MAR": str(tiny.mar), "IMG": str(tiny.build_dir / "samples" / "test0000-ankle-boot.png"),
            signing.PUBLIC_KEY_ENV: str(signing_keys.public), "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(ROOT / "deploy" / "image-test.sh")], cwd=ROOT, capture_output=True,
                             text=True, timeout=3600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("refused (") == 5 and "image-test passed" in result.stdout, result.stdout
+    # five refused TorchServe starts and two refused oip starts, then each mode serving
+    assert result.stdout.count("refused (") == 7 and "image-test passed" in result.stdout, result.stdout
+    assert result.stdout.count("refused (oip mode") == 2 and "oip mode: answered" in result.stdout, result.stdout
     for line in result.stdout.splitlines():
         if line.startswith(("refused (", "healthy ", "image-test passed")):
             report(f"image: {line}")
