@@ -29,7 +29,7 @@ file_server=
 trap '[ -n "$file_server" ] && kill "$file_server"; rm -rf "$ctx" "$files"' EXIT
 mkdir -p "$ctx/app/model_store" "$ctx/app/serve" "$ctx/app/contract" "$ctx/app/export" "$files/wheels"
 cat "$root/config.properties" "$root/deploy/container.properties" >"$ctx/app/config.properties"
-cp "$root/metrics.yaml" "$root/deploy/entrypoint.sh" "$ctx/app/"
+cp "$root/metrics.yaml" "$root/deploy/entrypoint.sh" "$root/deploy/healthcheck.sh" "$ctx/app/"
 cp "$root"/serve/{__init__,__main__,main,client,probe,process,trust}.py "$ctx/app/serve/"
 # The verifier the entrypoint runs: export/verify.py and what it imports (not export/main.py: torch).
 cp "$root"/export/{__init__,release,signing,verify}.py "$ctx/app/export/"

@@ -132,9 +132,15 @@ for _ in $(seq 120); do
     sleep 1
 done
 curl -sf "http://$oip/v2/models/mnist/ready" >/dev/null || fail "oip mode: not ready after 120 s"
+for _ in $(seq 60); do  # Docker's HEALTHCHECK (deploy/healthcheck.sh) follows the mode
+    health=$(docker inspect -f '{{.State.Health.Status}}' "$container")
+    [ "$health" = healthy ] && break
+    sleep 1
+done
+[ "$health" = healthy ] || fail "oip mode: Docker's HEALTHCHECK says $health"
 oip_logs=$(docker logs "$container" 2>&1)
 grep -q 'as pinned' <<<"$oip_logs" || fail "oip mode: no pinned verification at start in the logs"
-echo "oip mode ready $((SECONDS - run_started)) s after docker run: $(curl -sS "http://$oip/v2/models/mnist" | head -c 60)..."
+echo "oip mode ready and healthy $((SECONDS - run_started)) s after docker run: $(curl -sS "http://$oip/v2/models/mnist" | head -c 60)..."
 body=$(mktemp /var/tmp/mnist-oip-body.XXXXXX)
 "$python" -c 'import base64, json, sys
 print(json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
