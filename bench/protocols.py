@@ -59,8 +59,6 @@ def grpc_load(client, body: bytes, concurrency: int, seconds: float) -> dict:
 def bench_torchserve_protocols(build: Path, work: Path, concurrency: int, seconds: int) -> dict:
     """TorchServe as it ships, REST with wrk and gRPC with grpcio (through the gRPC API, then
     straight to TorchServe's own listener), one after the other."""
-    import dataclasses
-
     from serve.grpc_client import GrpcClient
     from serve.process import TorchServeProcess
 
@@ -76,9 +74,8 @@ def bench_torchserve_protocols(build: Path, work: Path, concurrency: int, second
         script = write_script(work / "protocols.lua", body, "image/png", server.key("inference"))
         wrk(url, script, 8, 2)  # warm-up
         rest = {**wrk(url, script, concurrency, seconds), "concurrency": concurrency, "client": "wrk"}
-        own = dataclasses.replace(server, grpc_inference_target=f"127.0.0.1:{process.torchserve_grpc[0]}")
         grpc = {}
-        for key, target in (("torchserve_grpc", server), ("torchserve_grpc_direct", own)):
+        for key, target in (("torchserve_grpc", server), ("torchserve_grpc_direct", process.torchserve_grpc_server())):
             with GrpcClient(target) as client:
                 grpc_load(client, body.read_bytes(), 8, 2)  # warm-up
                 grpc[key] = grpc_load(client, body.read_bytes(), concurrency, seconds)

@@ -44,6 +44,11 @@ def grpc_target(props: dict[str, str], api: str, default_port: int) -> str:
     return f"{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{props.get(f'grpc_{api}_port', default_port)}"
 
 
+def tokens_on(props: dict[str, str]) -> bool:
+    """Whether TorchServe with these properties checks tokens (its default since 0.11)."""
+    return props.get("disable_token_authorization", "false").lower() != "true"
+
+
 @dataclass
 class Server:
     """Where a TorchServe instance listens and where its key file lies."""
@@ -66,7 +71,7 @@ class Server:
                    props.get("management_address", "http://127.0.0.1:8081"),
                    props.get("metrics_address", "http://127.0.0.1:8082"),
                    Path(workdir) if workdir else config.resolve().parent,
-                   props.get("disable_token_authorization", "false").lower() != "true",
+                   tokens_on(props),
                    grpc_inference_target=grpc_target(props, "inference", 7070),
                    grpc_management_target=grpc_target(props, "management", 7071))
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from contract import MODEL_NAME
 from serve.client import Server
-from serve.grpc_protos import stubs
-
-INPUT_KEY = "data"  # the handler reads any single input; "data" is TorchServe's convention
+from serve.grpc_protos import INPUT_KEY, stubs
 
 
 class GrpcClient:

@@ -19,6 +19,9 @@ from types import SimpleNamespace
 from serve.client import ServerError
 
 PROTOS = ("inference.proto", "management.proto")
+# The PredictionsRequest input entry clients fill and the server reads: TorchServe's convention (the
+# server takes a lone entry under any other name too).
+INPUT_KEY = "data"
 
 
 def frontend_jar() -> Path:

@@ -25,8 +25,8 @@ and serve/process.py choose.
 
 The server holds no key: the `authorization` metadata travels on as the Authorization header and
 TorchServe decides (a call without one is refused at once where tokens are on). It is a grpc.aio
-server calling REST with aiohttp: every call is a coroutine, none holds a thread. `--exit-with PID` ends it when that process is gone (the TorchServe
-it fronts).
+server calling REST with aiohttp: every call is a coroutine, none holds a thread. `--exit-with
+PID` ends it when that process is gone (the TorchServe it fronts).
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ import aiohttp
 import grpc
 
 from contract.paths import ROOT
-from serve.client import read_properties
-from serve.grpc_protos import stubs
+from serve.client import read_properties, tokens_on
+from serve.grpc_protos import INPUT_KEY, stubs
 
 # REST status -> gRPC status. TorchServe refuses a missing or wrong token with 400 and the type
 # InvalidKeyException: that one is UNAUTHENTICATED (below), every other 400 INVALID_ARGUMENT.
@@ -74,7 +74,6 @@ TOKEN_REFUSED = "InvalidKeyException"
 # holds anything, when CONFIG has tokens on.
 NO_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a model name or version
-INPUT_KEY = "data"  # TorchServe's convention; a lone entry under any other name is taken too
 # Metadata that travels on as a header: the token, and the handler's per-request framing choice.
 FORWARDED_METADATA = ("authorization", "x-framing")
 # Printable ASCII (nothing a header could split on), at most 4 KiB: grpc refuses more than 8 KiB of
@@ -191,7 +190,7 @@ class Rest:
         timeout = self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
         try:
             async with session.request(method, url, headers=headers, allow_redirects=False,
-                                            timeout=aiohttp.ClientTimeout(total=timeout), **kwargs) as response:
+                                       timeout=aiohttp.ClientTimeout(total=timeout), **kwargs) as response:
                 data = await response.read()
         except TimeoutError:
             raise RestError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -395,8 +394,7 @@ class Front:
                    ("grpc.max_connection_age_ms", CONNECTION_AGE_MS),
                    ("grpc.max_connection_age_grace_ms", 60_000),
                    ("grpc.so_reuseport", 0)]  # a port in use is an error, not shared
-        tokens = props.get("disable_token_authorization", "false").lower() != "true"
-        interceptors = [KeyRequired()] if tokens else []
+        interceptors = [KeyRequired()] if tokens_on(props) else []
         inference_service, management_service = servicers(rest, pb)
         for address, add, service in (
                 (self.addresses[0], pb.inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server, inference_service),

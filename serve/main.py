@@ -120,11 +120,16 @@ def grpc_pid_file(workdir: Path) -> Path:
     return workdir / "logs" / "private" / "grpc-server.pid"
 
 
+def frontend_pid_file(workdir: Path) -> Path:
+    """The pid file TorchServe's launcher writes into its TMPDIR (private_environment)."""
+    return workdir / "logs" / "private" / "tmp" / ".model_server.pid"
+
+
 def start_grpc(workdir: Path, config: Path, server: Server) -> None:
     """The gRPC API in front of the TorchServe just started, on `server`'s gRPC addresses; it
     exits by itself when TorchServe's frontend does."""
     from serve import grpc_server
-    frontend = int((workdir / "logs" / "private" / "tmp" / ".model_server.pid").read_text().split()[0])
+    frontend = int(frontend_pid_file(workdir).read_text().split()[0])
     try:
         process = grpc_server.start_process(config, server.grpc_inference_target, server.grpc_management_target,
                                             workdir / "logs" / "grpc-server.log", exit_with_pid=frontend)
@@ -213,8 +218,8 @@ def stop(workdir: Path) -> None:
     returns as soon as it has sent the signal, seconds before the Java process is gone."""
     import psutil
     stop_grpc(workdir)
-    tmp = workdir / "logs" / "private" / "tmp"
-    pid_file = tmp / ".model_server.pid"
+    pid_file = frontend_pid_file(workdir)
+    tmp = pid_file.parent
     processes = []
     try:
         frontend = psutil.Process(int(pid_file.read_text().split()[0]))

@@ -166,6 +166,13 @@ class TorchServeProcess:
             raise
         return self.server
 
+    def torchserve_grpc_server(self) -> Server:
+        """`server` with its gRPC targets on TorchServe's own listener (for comparisons)."""
+        import dataclasses
+        inference, management = self.torchserve_grpc
+        return dataclasses.replace(self.server, grpc_inference_target=f"127.0.0.1:{inference}",
+                                   grpc_management_target=f"127.0.0.1:{management}")
+
     def stop(self) -> None:
         """End the gRPC server, then TorchServe's whole process group (launcher, Java frontend,
         Python workers), and wait for them."""

@@ -5,7 +5,6 @@ other requests too), the token, unknown models, both streaming calls, and TorchS
 listener kept from taking a worker down."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,10 +31,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def torchserves_own(torchserve):
     """A client of TorchServe's own gRPC listener (the internal ports), for the handler's guard."""
-    inference, management = torchserve.torchserve_grpc
-    own = dataclasses.replace(torchserve.server, grpc_inference_target=f"127.0.0.1:{inference}",
-                              grpc_management_target=f"127.0.0.1:{management}")
-    with GrpcClient(own) as grpc_client:
+    with GrpcClient(torchserve.torchserve_grpc_server()) as grpc_client:
         yield grpc_client
 
 
